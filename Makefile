@@ -1,0 +1,45 @@
+# Two commands from nothing: `make demo` and `make test`.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+HARNESS := $(VENV)/bin/harness
+FMNIST  := /usr/share/datasets/fashion-mnist
+DEMO_DB ?= sqlite:///results.db
+
+.PHONY: demo test install install-dev fmnist-data clean-cache
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# torch/torchvision come from the ranges in pyproject.toml (2.14.1 / 0.29.1 on our machines).
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+# The demo's data: Debian's dataset-fashion-mnist when we may install it, else
+# torchvision's download (the harness says what to do when neither works).
+fmnist-data:
+	@if [ ! -d $(FMNIST) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's dataset-fashion-mnist"; \
+		(apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null; \
+	fi
+
+demo: $(VENV)/.installed fmnist-data
+	@set -e; for m in $$($(HARNESS) list methods --names); do \
+		echo "== $$m on fmnist-lt (rho 100, preset quick)"; \
+		$(HARNESS) run --method $$m --dataset fmnist-lt --rho 100 --preset quick --download --db $(DEMO_DB); \
+	done
+	$(HARNESS) report --db $(DEMO_DB)
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest -q
+
+clean-cache:
+	rm -rf .harness_cache

@@ -1,0 +1,46 @@
+"""Stage-1 checkpoint cache: written atomically, read with weights_only=True.
+
+Methods whose stage-1 loss and recipe agree on the same data, backbone and seed
+share one checkpoint (cRT, LWS and τ-norm reuse CE's)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+
+def cache_root(explicit: str | os.PathLike | None = None) -> Path:
+    return Path(explicit or os.environ.get("HARNESS_CACHE") or ".harness_cache")
+
+
+def stage1_key(config: dict, loss_id: str, data_checksum: str) -> str:
+    stage1 = {k: v for k, v in config["recipe"]["stage1"].items() if k != "paper_epochs"}
+    identity = {k: config[k] for k in ("dataset", "rho", "generator", "backbone", "seed", "val_per_class")}
+    identity.update(stage1=stage1, loss=loss_id, data=data_checksum)
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def stage1_path(root: Path, key: str) -> Path:
+    return root / "stage1" / f"{key}.pt"
+
+
+def save_atomic(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # readers see the old file or the whole new one, never a torn write
+
+
+def load_checkpoint(path: Path) -> dict | None:
+    """The payload, or None when absent; a corrupt file is reported and ignored."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, unpickling error, ...
+        warnings.warn(f"ignoring unreadable checkpoint {path}: {type(exc).__name__}: {exc}")
+        return None

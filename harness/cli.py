@@ -1,0 +1,146 @@
+"""The `harness` command line (click)."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+from tabulate import tabulate
+
+from harness import HarnessError
+
+
+def fmt(value, digits: int = 2) -> str:
+    """A number for people; an empty shot group is shown as an em dash, never 0."""
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """ltr-harness: train, evaluate and rank long-tailed recognition methods."""
+
+
+@cli.command()
+@click.option("--method", required=True, help="Method name (`harness list methods`).")
+@click.option("--dataset", required=True, help="Dataset name (`harness list datasets`).")
+@click.option("--rho", type=float, required=True, help="Imbalance ratio n_max / n_min (>= 1).")
+@click.option("--seed", "seeds", type=int, multiple=True, help="Seed(s); repeat or list: --seed 0 1 2.")
+@click.option("--preset", default="paper", show_default=True, help="Recipe budget: paper or quick.")
+@click.option("--epochs", type=int, help="Override stage-1 epochs (schedule scales; recorded as a custom preset).")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--data-root", envvar="HARNESS_DATA_ROOT", help="Dataset directory (torchvision or train/ + test/ folders).")
+@click.option("--download", is_flag=True, help="Let torchvision download the dataset if it is missing.")
+@click.option("--db", envvar="HARNESS_DB", help="SQLAlchemy URL of the results store [sqlite:///results.db].")
+@click.option("--generator", type=click.Choice(["ldam", "first"]), help="Which images the LT subset keeps.")
+@click.option("--backbone", help="Override the benchmark's backbone.")
+@click.option("--val-per-class", type=int, help="Held-out validation images per class.")
+@click.option("--cache-dir", envvar="HARNESS_CACHE", help="Stage-1 checkpoint cache [.harness_cache].")
+@click.option("--benchmarks", envvar="HARNESS_BENCHMARKS", help="benchmarks.yaml to use.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.argument("more_seeds", nargs=-1, type=int)
+def run(method, dataset, rho, seeds, preset, epochs, device, data_root, download, db, generator, backbone,
+        val_per_class, cache_dir, benchmarks, no_progress, more_seeds) -> None:
+    """Train and evaluate METHOD on DATASET; store the result and print it."""
+    from harness.runner import RunRequest, execute
+
+    seed_list = list(seeds) + list(more_seeds) or [0]
+    req = RunRequest(method=method, dataset=dataset, rho=rho, seeds=seed_list, preset=preset, epochs=epochs,
+                     device=device, data_root=data_root, download=download, db=db, generator=generator,
+                     backbone=backbone, val_per_class=val_per_class, cache_dir=cache_dir,
+                     benchmarks=benchmarks, progress=not no_progress)
+    results = execute(req)
+    rows = []
+    for r in results:
+        t = r.metrics["test"]
+        rows.append([r.run_id, r.config.method, r.config.seed, fmt(t["all"]), fmt(100 - t["all"]),
+                     fmt(t["many"]), fmt(t["medium"]), fmt(t["few"]), "yes" if r.stage1_cached else "no"])
+    click.echo(tabulate(rows, headers=["run", "method", "seed", "top-1", "error", "many", "medium", "few",
+                                       "stage 1 cached"], tablefmt="github", disable_numparse=True))
+
+
+@cli.command(name="list")
+@click.argument("what", type=click.Choice(["methods", "datasets", "runs"]))
+@click.option("--db", envvar="HARNESS_DB", help="SQLAlchemy URL of the results store.")
+@click.option("--names", is_flag=True, help="Names only, one per line (for scripts).")
+def list_(what: str, db: str | None, names: bool) -> None:
+    """List registered methods, datasets, or stored runs."""
+    from harness.registry import DATASETS, METHODS
+
+    if names and what != "runs":
+        click.echo("\n".join((METHODS if what == "methods" else DATASETS).names()))
+    elif what == "methods":
+        rows = []
+        for name in METHODS.names():
+            try:
+                m = METHODS.get(name)
+            except HarnessError as exc:  # one broken plugin must not hide the others
+                rows.append([name, "(failed to load)", str(exc)])
+                continue
+            rows.append([name, getattr(m, "title", ""), getattr(m, "paper", "")])
+        click.echo(tabulate(rows, headers=["method", "title", "paper"], tablefmt="github", disable_numparse=True))
+    elif what == "datasets":
+        rows = []
+        for name in DATASETS.names():
+            d = DATASETS.get(name)
+            rows.append([name, d.title, d.num_classes, d.n_max, f"{d.channels}x{d.size}x{d.size}", d.backbone, d.source])
+        click.echo(tabulate(rows, headers=["dataset", "title", "classes", "n_max", "image", "backbone", "source"],
+                            tablefmt="github", disable_numparse=True))
+    else:
+        from harness.store import Store
+
+        rows = []
+        for r in Store(db).list_runs():
+            top1 = next((m.top1 for m in r.metrics if m.split == "test" and m.group == "all"), None) \
+                if r.status == "completed" else None
+            rows.append([r.id, r.method, r.dataset, f"{r.rho:g}", r.seed, r.preset, r.status, fmt(top1),
+                         r.started_at.strftime("%Y-%m-%d %H:%M")])
+        click.echo(tabulate(rows, headers=["run", "method", "dataset", "rho", "seed", "preset", "status", "top-1",
+                                           "started"], tablefmt="github", disable_numparse=True))
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--db", envvar="HARNESS_DB", help="SQLAlchemy URL of the results store.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def show(run_id: str, db: str | None, as_json: bool) -> None:
+    """Show one run: provenance, metrics and per-class results."""
+    from harness.store import Store
+
+    r = Store(db).get_run(run_id)
+    head = {"id": r.id, "method": r.method, "dataset": r.dataset, "rho": r.rho, "backbone": r.backbone,
+            "seed": r.seed, "generator": r.generator, "preset": r.preset, "status": r.status,
+            "config_hash": r.config_hash, "device": r.device, "git_commit": r.git_commit,
+            "wall_seconds": r.wall_seconds, "data_checksum": r.data_checksum, "stage1_cached": bool(r.stage1_cached),
+            "started_at": r.started_at.isoformat(), "extra": r.extra, "versions": r.versions, "error": r.error}
+    if as_json:
+        head["config"] = r.config
+        head["metrics"] = [{"split": m.split, "group": m.group, "top1": m.top1, "error": m.error} for m in r.metrics]
+        click.echo(json.dumps(head, indent=2, default=str))
+        return
+    click.echo(tabulate([[k, json.dumps(v) if isinstance(v, dict) else v] for k, v in head.items()],
+                        tablefmt="plain", disable_numparse=True))
+    click.echo()
+    click.echo(tabulate([[m.split, m.group, fmt(m.top1), fmt(m.error), m.n_classes] for m in r.metrics],
+                        headers=["split", "group", "top-1", "error", "classes"], tablefmt="github", disable_numparse=True))
+    click.echo()
+    click.echo(tabulate([[c.class_index, c.class_name, c.train_count, fmt(c.accuracy), fmt(c.weight_norm, 3)]
+                         for c in sorted(r.class_metrics, key=lambda c: c.class_index)],
+                        headers=["class", "name", "train", "test acc", "||w||"], tablefmt="github", disable_numparse=True))
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except HarnessError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

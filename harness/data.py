@@ -1,0 +1,121 @@
+"""Long-tailed subsets, the held-out validation split and shot groups (DESIGN.md §2).
+
+Everything here is pure index arithmetic on label arrays, so it is exact and
+cheap to test; the image tensors are attached in `harness.datasets`.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from harness import HarnessError
+
+GENERATORS = ("ldam", "first")
+SHOT_GROUPS = ("many", "medium", "few")
+VAL_SEED = 12345  # fixed: the validation split belongs to the benchmark, not to a run seed
+
+
+def lt_counts(n_max: int, num_classes: int, rho: float) -> list[int]:
+    """Exponential profile: class c keeps int(n_max * rho ** (-c / (C - 1)))."""
+    if rho < 1:
+        raise HarnessError(f"imbalance ratio rho must be >= 1, got {rho}; pass e.g. --rho 100")
+    if num_classes == 1:
+        return [n_max]
+    return [int(n_max * rho ** (-c / (num_classes - 1))) for c in range(num_classes)]
+
+
+def select_lt(targets: np.ndarray, counts: list[int], generator: str = "ldam") -> np.ndarray:
+    """Indices of the long-tailed training subset, grouped by class in label order.
+
+    `ldam` follows kaidic/LDAM-DRW: numpy seeded with 0 once, then for each class
+    in order shuffle that class's indices and keep the first n_c. `first` keeps the
+    first n_c of each class in file order (the weight-balancing code).
+    """
+    if generator not in GENERATORS:
+        raise HarnessError(f"unknown LT generator '{generator}'; known: {', '.join(GENERATORS)}")
+    targets = np.asarray(targets)
+    rng = np.random.RandomState(0)
+    picked = []
+    for c, n_c in enumerate(counts):
+        idx = np.where(targets == c)[0]
+        if len(idx) < n_c:
+            raise HarnessError(f"class {c} has {len(idx)} training images, the profile needs {n_c}")
+        if generator == "ldam":
+            rng.shuffle(idx)
+        picked.append(idx[:n_c])
+    return np.concatenate(picked)
+
+
+def holdout_val(targets: np.ndarray, kept: np.ndarray, per_class: int) -> np.ndarray:
+    """A balanced validation split drawn from training images the LT subset did not keep."""
+    targets = np.asarray(targets)
+    if per_class <= 0:
+        return np.zeros(0, dtype=np.int64)
+    unused = np.ones(len(targets), dtype=bool)
+    unused[kept] = False
+    rng = np.random.RandomState(VAL_SEED)
+    picked = []
+    for c in range(int(targets.max()) + 1):
+        pool = np.where(unused & (targets == c))[0]
+        if len(pool) < per_class:
+            raise HarnessError(
+                f"class {c} has only {len(pool)} unused training images for a validation split of "
+                f"{per_class} per class; pass a smaller --val-per-class"
+            )
+        picked.append(np.sort(rng.choice(pool, per_class, replace=False)))
+    return np.concatenate(picked)
+
+
+def shot_group(count: int) -> str:
+    """Many: > 100 training images; medium: 20-100; few: < 20."""
+    if count > 100:
+        return "many"
+    if count >= 20:
+        return "medium"
+    return "few"
+
+
+def group_accuracies(per_class_acc: np.ndarray, train_counts: list[int]) -> dict[str, float | None]:
+    """Overall top-1 is the mean over classes (test sets are balanced); groups average
+    their classes' accuracies. An empty group is None, never 0."""
+    per_class_acc = np.asarray(per_class_acc, dtype=np.float64)
+    out: dict[str, float | None] = {"all": float(per_class_acc.mean())}
+    groups = np.array([shot_group(n) for n in train_counts])
+    for g in SHOT_GROUPS:
+        mask = groups == g
+        out[g] = float(per_class_acc[mask].mean()) if mask.any() else None
+    return out
+
+
+def per_class_accuracy(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> np.ndarray:
+    correct = torch.zeros(num_classes, dtype=torch.float64, device=pred.device)
+    total = torch.zeros(num_classes, dtype=torch.float64, device=pred.device)
+    total.index_add_(0, target, torch.ones_like(target, dtype=torch.float64))
+    correct.index_add_(0, target, (pred == target).to(torch.float64))
+    return (correct / total.clamp_min(1)).cpu().numpy()
+
+
+@dataclass
+class LTData:
+    """A long-tailed benchmark instance: uint8 NCHW image tensors and int64 labels."""
+
+    name: str
+    num_classes: int
+    class_names: list[str]
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    train_counts: list[int] = field(default_factory=list)
+
+    def checksum(self) -> str:
+        """sha256 over the exact tensors a run sees (provenance)."""
+        h = hashlib.sha256()
+        for t in (self.train_x, self.train_y, self.val_x, self.val_y, self.test_x, self.test_y):
+            h.update(t.contiguous().numpy().tobytes())
+        return h.hexdigest()

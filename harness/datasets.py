@@ -1,0 +1,229 @@
+"""Registered datasets: where the images come from and how they are normalised.
+
+Each dataset is a `DatasetSpec` exposed through the `harness.datasets`
+entry-point group. Loaders return full uint8 NCHW tensors; the LT subset and
+the validation split are cut by `harness.data`.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from harness import HarnessError
+from harness.data import LTData, holdout_val, lt_counts, select_lt
+
+FMNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+@dataclass(frozen=True)
+class RawSplits:
+    train_x: torch.Tensor  # uint8 N,C,H,W
+    train_y: np.ndarray
+    test_x: torch.Tensor
+    test_y: np.ndarray
+    class_names: list[str]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    title: str
+    num_classes: int
+    n_max: int
+    channels: int
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_padding: int
+    flip: bool
+    backbone: str
+    loader: Callable[["DatasetSpec", Path | None, bool], RawSplits]
+    source: str
+
+    def build(self, rho: float, generator: str, val_per_class: int,
+              data_root: Path | None, download: bool = False) -> LTData:
+        counts = lt_counts(self.n_max, self.num_classes, rho)
+        raw = self.loader(self, data_root, download)
+        check_shapes(self, raw)
+        kept = select_lt(raw.train_y, counts, generator)
+        val = holdout_val(raw.train_y, kept, val_per_class)
+        kept_t = torch.from_numpy(kept)
+        val_t = torch.from_numpy(val)
+        return LTData(
+            name=self.name,
+            num_classes=self.num_classes,
+            class_names=raw.class_names,
+            train_x=raw.train_x[kept_t].contiguous(),
+            train_y=torch.from_numpy(np.asarray(raw.train_y)[kept]).long(),
+            val_x=raw.train_x[val_t].contiguous(),
+            val_y=torch.from_numpy(np.asarray(raw.train_y)[val]).long(),
+            test_x=raw.test_x,
+            test_y=torch.from_numpy(np.asarray(raw.test_y)).long(),
+            train_counts=counts,
+        )
+
+
+def check_shapes(spec: DatasetSpec, raw: RawSplits) -> None:
+    want = (spec.channels, spec.size, spec.size)
+    for split, x in (("train", raw.train_x), ("test", raw.test_x)):
+        if tuple(x.shape[1:]) != want:
+            raise HarnessError(
+                f"{spec.name}: {split} images are {tuple(x.shape[1:])}, expected {want} (C,H,W); "
+                "point --data-root at the original dataset"
+            )
+    if len(raw.class_names) != spec.num_classes:
+        raise HarnessError(f"{spec.name}: found {len(raw.class_names)} classes, expected {spec.num_classes}")
+
+
+# ---------------------------------------------------------------- image folders
+
+def load_image_folder(root: Path, channels: int) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    """Decode `root/<class>/*` into one uint8 tensor; classes sorted by name (as
+    torchvision's ImageFolder does), files in name order within a class."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise HarnessError(f"no class folders under {root}; expected {root}/<class>/<image>")
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (root / name).iterdir() if p.is_file())
+        for path in files:
+            try:
+                images.append(decode_image(read_file(str(path)), mode=mode))
+            except RuntimeError as exc:
+                raise HarnessError(f"cannot decode image {path}: {exc}") from exc
+            labels.append(label)
+    shapes = {tuple(im.shape) for im in images}
+    if len(shapes) != 1:
+        raise HarnessError(f"images under {root} differ in size ({sorted(shapes)[:3]}...); resize them first")
+    return torch.stack(images), np.asarray(labels, dtype=np.int64), classes
+
+
+def folder_layout(root: Path | None) -> Path | None:
+    """The directory holding train/ and test/, accepting one wrapping folder."""
+    if root is None or not root.is_dir():
+        return None
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        return root
+    subdirs = [d for d in root.iterdir() if d.is_dir()]
+    for d in subdirs:
+        if (d / "train").is_dir() and (d / "test").is_dir():
+            return d
+    return None
+
+
+def load_folder_splits(spec: DatasetSpec, top: Path) -> RawSplits:
+    train_x, train_y, classes = load_image_folder(top / "train", spec.channels)
+    test_x, test_y, test_classes = load_image_folder(top / "test", spec.channels)
+    if test_classes != classes:
+        raise HarnessError(f"train and test class folders differ under {top}")
+    return RawSplits(train_x, train_y, test_x, test_y, classes)
+
+
+# ---------------------------------------------------------------- CIFAR
+
+def load_cifar(spec: DatasetSpec, root: Path | None, download: bool) -> RawSplits:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR10 if spec.num_classes == 10 else CIFAR100
+    folder = folder_layout(root)
+    if folder is not None:
+        return load_folder_splits(spec, folder)
+    if root is None:
+        root = Path("data")
+    pickled = root / cls.base_folder
+    if not pickled.is_dir() and not download:
+        raise HarnessError(
+            f"no {spec.title} data under {root}: pass --data-root DIR holding {cls.base_folder}/ "
+            "or train/<class>/ + test/<class>/, or add --download to fetch it with torchvision"
+        )
+    try:
+        train = cls(str(root), train=True, download=download)
+        test = cls(str(root), train=False, download=False)
+    except Exception as exc:  # torchvision raises RuntimeError/URLError/UnpicklingError
+        raise HarnessError(f"cannot read {spec.title} under {root}: {type(exc).__name__}: {exc}") from exc
+
+    def to_tensor(arr: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+    return RawSplits(to_tensor(train.data), np.asarray(train.targets), to_tensor(test.data),
+                     np.asarray(test.targets), list(train.classes))
+
+
+# ---------------------------------------------------------------- Fashion-MNIST
+
+FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                  "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FMNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped): magic, dims as big-endian int32, then uint8 data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = np.frombuffer(data, dtype=">i4", count=ndim, offset=4)
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(tuple(int(d) for d in dims))
+
+
+def find_idx(directory: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def load_fmnist(spec: DatasetSpec, root: Path | None, download: bool) -> RawSplits:
+    candidates = [p for p in (root, root / "FashionMNIST" / "raw" if root else None, FMNIST_SYSTEM_DIR) if p]
+    for directory in candidates:
+        files = {k: [find_idx(directory, s) for s in v] for k, v in FMNIST_FILES.items()}
+        if all(p is not None for pair in files.values() for p in pair):
+            (trx, try_), (tex, tey) = files["train"], files["test"]
+            return RawSplits(
+                torch.from_numpy(read_idx(trx).copy()).unsqueeze(1), read_idx(try_).astype(np.int64),
+                torch.from_numpy(read_idx(tex).copy()).unsqueeze(1), read_idx(tey).astype(np.int64),
+                list(FMNIST_CLASSES))
+    if download:
+        from torchvision.datasets import FashionMNIST
+
+        target = root or Path("data")
+        try:
+            FashionMNIST(str(target), train=True, download=True)
+            FashionMNIST(str(target), train=False, download=True)
+        except Exception as exc:
+            raise HarnessError(f"Fashion-MNIST download failed ({type(exc).__name__}: {exc}); "
+                               "install Debian's dataset-fashion-mnist instead") from exc
+        return load_fmnist(spec, target / "FashionMNIST" / "raw", download=False)
+    raise HarnessError(
+        "no Fashion-MNIST data: install Debian's package (apt-get install dataset-fashion-mnist) "
+        "or add --download to fetch it with torchvision"
+    )
+
+
+CIFAR10_LT = DatasetSpec(
+    name="cifar10-lt", title="CIFAR-10-LT", num_classes=10, n_max=5000, channels=3, size=32,
+    mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010), crop_padding=4, flip=True,
+    backbone="resnet32", loader=load_cifar, source="CIFAR-10 (torchvision or image folder)")
+CIFAR100_LT = DatasetSpec(
+    name="cifar100-lt", title="CIFAR-100-LT", num_classes=100, n_max=500, channels=3, size=32,
+    mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010), crop_padding=4, flip=True,
+    backbone="resnet32", loader=load_cifar, source="CIFAR-100 (torchvision or image folder)")
+FMNIST_LT = DatasetSpec(
+    name="fmnist-lt", title="Fashion-MNIST-LT", num_classes=10, n_max=500, channels=1, size=28,
+    mean=(0.2860,), std=(0.3530,), crop_padding=2, flip=True,
+    backbone="fmnist-cnn", loader=load_fmnist, source="Fashion-MNIST IDX (Debian or torchvision)")
+
+
+def default_data_root() -> Path | None:
+    env = os.environ.get("HARNESS_DATA_ROOT")
+    return Path(env) if env else None

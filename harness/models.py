@@ -1,0 +1,126 @@
+"""Backbones: a feature extractor `body` and a linear classifier `fc`.
+
+Every model exposes `features(x)` and `fc` so that methods can freeze, swap or
+re-scale the classifier without knowing the backbone.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness import HarnessError
+
+
+class Classifier(nn.Module):
+    def __init__(self, body: nn.Module, feat_dim: int, num_classes: int):
+        super().__init__()
+        self.body = body
+        self.feat_dim = feat_dim
+        self.fc: nn.Module = nn.Linear(feat_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x))
+
+
+def head_weight(head: nn.Module) -> torch.Tensor:
+    """The class-by-feature weight a head effectively applies (for weight-norm plots)."""
+    effective = getattr(head, "effective_weight", None)
+    return effective() if callable(effective) else head.weight
+
+
+# ---------------------------------------------------------------- ResNet-32 (LDAM-DRW)
+
+class BasicBlockA(nn.Module):
+    """Basic block with the option-A shortcut: spatial subsample + zero-padded channels."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.pad = planes // 4 if (stride != 1 or in_planes != planes) else 0
+        self.stride = stride
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad == 0 and self.stride == 1:
+            return x
+        return F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, self.pad, self.pad))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNetCifarBody(nn.Module):
+    def __init__(self, blocks_per_stage: int = 5, in_channels: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        layers, in_planes = [], 16
+        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+            for i in range(blocks_per_stage):
+                layers.append(BasicBlockA(in_planes, planes, stride if i == 0 else 1))
+                in_planes = planes
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layers(F.relu(self.bn1(self.conv1(x))))
+        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+
+
+def kaiming_init(model: nn.Module) -> None:
+    # LDAM-DRW's _weights_init: Kaiming-normal for every conv and linear weight.
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight)
+
+
+def resnet32(num_classes: int, in_channels: int = 3) -> Classifier:
+    model = Classifier(ResNetCifarBody(5, in_channels), 64, num_classes)
+    kaiming_init(model)
+    return model
+
+
+# ---------------------------------------------------------------- CIFAR ResNet-34 (weight balancing)
+
+def resnet34_cifar(num_classes: int, in_channels: int = 3) -> Classifier:
+    from torchvision.models import resnet34
+
+    net = resnet34(num_classes=num_classes)
+    net.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+    net.maxpool = nn.Identity()
+    fc = net.fc
+    net.fc = nn.Identity()
+    model = Classifier(net, 512, num_classes)
+    model.fc = fc
+    return model
+
+
+# ---------------------------------------------------------------- small CNN for 28x28 images
+
+def fmnist_cnn(num_classes: int, in_channels: int = 1) -> Classifier:
+    """Three conv-BN-ReLU stages (32/64/128, strides 1/2/2) and global pooling: ~0.1 M
+    parameters, cheap enough that the six-method demo runs in minutes on two cores."""
+    def stage(cin: int, cout: int, stride: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+    body = nn.Sequential(*stage(in_channels, 32, 1), *stage(32, 64, 2), *stage(64, 128, 2),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = Classifier(body, 128, num_classes)
+    kaiming_init(model)
+    return model
+
+
+BACKBONES = {"resnet32": resnet32, "resnet34-cifar": resnet34_cifar, "fmnist-cnn": fmnist_cnn}
+
+
+def build_model(name: str, num_classes: int, in_channels: int) -> Classifier:
+    if name not in BACKBONES:
+        raise HarnessError(f"unknown backbone '{name}'; known backbones: {', '.join(sorted(BACKBONES))}")
+    return BACKBONES[name](num_classes, in_channels)

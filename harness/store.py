@@ -1,0 +1,165 @@
+"""The results store: SQLAlchemy models and the only code that writes them.
+
+A run row is inserted as `running` before training and completed, with all its
+metrics, in one transaction at the end; a crash leaves a `running` or `failed`
+row and never half a result. Numbers are stored as numbers.
+"""
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+
+from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event,
+                        select)
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload
+
+from harness import HarnessError
+
+DEFAULT_URL = "sqlite:///results.db"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Run(Base):
+    __tablename__ = "runs"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    method: Mapped[str] = mapped_column(String(64), index=True)
+    dataset: Mapped[str] = mapped_column(String(64), index=True)
+    rho: Mapped[float] = mapped_column(Float)
+    backbone: Mapped[str] = mapped_column(String(64))
+    seed: Mapped[int] = mapped_column(Integer)
+    generator: Mapped[str] = mapped_column(String(16))
+    preset: Mapped[str] = mapped_column(String(32), index=True)
+    config: Mapped[dict] = mapped_column(JSON)
+    config_hash: Mapped[str] = mapped_column(String(64), index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # running | completed | failed
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    wall_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    device: Mapped[str] = mapped_column(String(128))
+    git_commit: Mapped[str] = mapped_column(String(64))
+    versions: Mapped[dict] = mapped_column(JSON)
+    data_checksum: Mapped[str] = mapped_column(String(64))
+    stage1_cached: Mapped[int] = mapped_column(Integer, default=0)
+    extra: Mapped[dict] = mapped_column(JSON, default=dict)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    metrics: Mapped[list["Metric"]] = relationship(back_populates="run", cascade="all, delete-orphan")
+    class_metrics: Mapped[list["ClassMetric"]] = relationship(back_populates="run", cascade="all, delete-orphan")
+    curves: Mapped[list["CurvePoint"]] = relationship(back_populates="run", cascade="all, delete-orphan")
+
+
+class Metric(Base):
+    __tablename__ = "metrics"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    split: Mapped[str] = mapped_column(String(8))    # test | val
+    group: Mapped[str] = mapped_column(String(8))    # all | many | medium | few
+    top1: Mapped[float | None] = mapped_column(Float, nullable=True)   # percent; NULL = empty group
+    error: Mapped[float | None] = mapped_column(Float, nullable=True)
+    n_classes: Mapped[int] = mapped_column(Integer)
+    run: Mapped[Run] = relationship(back_populates="metrics")
+
+
+class ClassMetric(Base):
+    __tablename__ = "class_metrics"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    class_index: Mapped[int] = mapped_column(Integer)
+    class_name: Mapped[str] = mapped_column(String(128))
+    train_count: Mapped[int] = mapped_column(Integer)
+    accuracy: Mapped[float] = mapped_column(Float)       # test, percent
+    weight_norm: Mapped[float] = mapped_column(Float)    # ||w_c|| of the final classifier
+    run: Mapped[Run] = relationship(back_populates="class_metrics")
+
+
+class CurvePoint(Base):
+    """Series a report can plot: the τ sweep, per-epoch training loss."""
+    __tablename__ = "curves"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    x: Mapped[float] = mapped_column(Float)
+    split: Mapped[str] = mapped_column(String(8))
+    group: Mapped[str] = mapped_column(String(8))
+    value: Mapped[float | None] = mapped_column(Float, nullable=True)
+    run: Mapped[Run] = relationship(back_populates="curves")
+
+
+def db_url(explicit: str | None = None) -> str:
+    return explicit or os.environ.get("HARNESS_DB") or DEFAULT_URL
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    # WAL so that parallel runs can write; a busy timeout instead of "database is locked".
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+class Store:
+    def __init__(self, url: str | None = None):
+        self.url = db_url(url)
+        try:
+            kwargs = {"connect_args": {"timeout": 30}} if self.url.startswith("sqlite") else {}
+            self.engine = create_engine(self.url, **kwargs)
+            if self.url.startswith("sqlite"):
+                event.listen(self.engine, "connect", _sqlite_pragmas)
+            Base.metadata.create_all(self.engine)
+        except (SQLAlchemyError, ImportError, ValueError) as exc:
+            reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+            raise HarnessError(f"cannot open results store {self.url}: {reason}; "
+                               "check --db / HARNESS_DB (any SQLAlchemy URL)") from exc
+
+    def session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    def start_run(self, run: Run) -> None:
+        with self.session() as s, s.begin():
+            s.add(run)
+
+    def complete_run(self, run_id: str, *, metrics: list[dict], class_metrics: list[dict],
+                     curves: list[dict], extra: dict, wall_seconds: float, stage1_cached: bool) -> None:
+        """Everything a finished run produced, in one transaction."""
+        with self.session() as s, s.begin():
+            run = s.get(Run, run_id)
+            run.metrics = [Metric(**m) for m in metrics]
+            run.class_metrics = [ClassMetric(**c) for c in class_metrics]
+            run.curves = [CurvePoint(**c) for c in curves]
+            run.extra = json.loads(json.dumps(extra))
+            run.wall_seconds = wall_seconds
+            run.stage1_cached = int(stage1_cached)
+            run.status = "completed"
+            run.finished_at = now()
+
+    def fail_run(self, run_id: str, error: str, wall_seconds: float) -> None:
+        with self.session() as s, s.begin():
+            run = s.get(Run, run_id)
+            run.status = "failed"
+            run.error = error
+            run.finished_at = now()
+            run.wall_seconds = wall_seconds
+
+    def get_run(self, run_id: str) -> Run:
+        with self.session() as s:
+            run = s.get(Run, run_id)
+            if run is None:
+                matches = s.scalars(select(Run).where(Run.id.startswith(run_id))).all()
+                if len(matches) != 1:
+                    raise HarnessError(f"no run '{run_id}' in {self.url}; `harness list runs` shows them")
+                run = matches[0]
+            _ = (run.metrics, run.class_metrics, run.curves)  # load while the session is open
+            return run
+
+    def list_runs(self) -> list[Run]:
+        with self.session() as s:
+            return list(s.scalars(select(Run).options(selectinload(Run.metrics)).order_by(Run.started_at)).all())
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)

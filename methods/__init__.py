@@ -1,0 +1,1 @@
+"""Built-in LTR methods, one module each, registered through the `harness.methods` entry points."""

@@ -1,0 +1,160 @@
+"""The command line as a user meets it: subprocesses, real exit codes, real stores."""
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.synthetic import BENCHMARKS_YAML
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def harness(*args, env=None, cwd=None):
+    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+@pytest.fixture
+def env(tmp_path):
+    e = dict(os.environ)
+    e["HARNESS_DB"] = f"sqlite:///{tmp_path / 'results.db'}"
+    e["HARNESS_CACHE"] = str(tmp_path / "cache")
+    e.pop("HARNESS_BENCHMARKS", None)
+    return e
+
+
+def run_count(tmp_path):
+    db = tmp_path / "results.db"
+    if not db.exists():
+        return 0
+    with sqlite3.connect(db) as con:
+        return con.execute("select count(*) from runs").fetchone()[0]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "nope", "--dataset", "cifar10-lt", "--rho", "100"], "unknown method 'nope'; known methods: ce, crt"),
+    (["--method", "ce", "--dataset", "imagenet-xx", "--rho", "100"], "unknown dataset 'imagenet-xx'; known datasets:"),
+    (["--method", "ce", "--dataset", "cifar10-lt", "--rho", "0.5"], "rho must be >= 1"),
+    (["--method", "ce", "--dataset", "cifar10-lt", "--rho", "100", "--preset", "fast"], "unknown preset 'fast'"),
+    (["--method", "ce", "--dataset", "cifar10-lt", "--rho", "100", "--data-root", "/no/such/dir"],
+     "data root /no/such/dir is not a directory"),
+    (["--method", "ce", "--dataset", "cifar10-lt", "--rho", "100", "--seed", "-1"], "seed must be >= 0"),
+    (["--method", "ce", "--dataset", "cifar10-lt", "--rho", "100", "--epochs", "0"], "--epochs must be >= 1"),
+])
+def test_bad_input_is_one_line_nonzero_and_writes_nothing(tmp_path, env, args, message):
+    out = harness("run", *args, env=env, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out.stderr
+    assert run_count(tmp_path) == 0
+    assert not (tmp_path / "results.db").exists()
+
+
+def test_missing_cifar_data_names_the_fixes(tmp_path, env):
+    (tmp_path / "empty").mkdir()
+    out = harness("run", "--method", "ce", "--dataset", "cifar10-lt", "--rho", "100", "--data-root",
+                  str(tmp_path / "empty"), env=env, cwd=tmp_path)
+    assert out.returncode == 2
+    assert "--download" in out.stderr and "train/<class>/" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("url", ["sqlite:////no/such/dir/results.db", "postgresql://nobody@127.0.0.1:1/none"])
+def test_unreachable_db_is_a_clear_error(tmp_path, env, url):
+    bench = tmp_path / "b.yaml"
+    bench.write_text(BENCHMARKS_YAML)
+    plugin = tmp_path / "site"
+    write_synth_plugin(plugin)
+    env = {**env, "PYTHONPATH": os.pathsep.join([str(plugin), REPO]), "HARNESS_BENCHMARKS": str(bench)}
+    out = harness("run", "--method", "ce", "--dataset", "synth-lt", "--rho", "100", "--db", url, env=env, cwd=tmp_path)
+    assert out.returncode == 2
+    line = out.stderr.strip().splitlines()
+    assert len(line) == 1 and "cannot open results store" in line[0] and "--db" in line[0]
+
+
+def test_not_a_database_is_a_clear_error(tmp_path, env):
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not sqlite" * 100)
+    out = harness("list", "runs", "--db", f"sqlite:///{junk}", env=env)
+    assert out.returncode == 2 and "cannot open results store" in out.stderr
+    assert junk.read_bytes() == b"this is not sqlite" * 100
+
+
+def write_synth_plugin(site, method_body=None, broken=False):
+    """A separate tiny package, found through importlib.metadata on PYTHONPATH, that
+    provides the synthetic dataset and, optionally, a method."""
+    pkg = site / "ltr_plugin_demo"
+    pkg.mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "data.py").write_text("from tests.synthetic import SYNTH_LT\n")
+    eps = "[harness.datasets]\nsynth-lt = ltr_plugin_demo.data:SYNTH_LT\n"
+    if method_body is not None:
+        (pkg / "method.py").write_text(textwrap.dedent(method_body))
+        eps += "\n[harness.methods]\nplug = ltr_plugin_demo.method:METHOD\n"
+    if broken:
+        (pkg / "broken.py").write_text("raise ImportError('needs a library that is not installed')\n")
+        eps += ("" if method_body is not None else "\n[harness.methods]\n") + "broken = ltr_plugin_demo.broken:METHOD\n"
+    dist = site / "ltr_plugin_demo-0.1.dist-info"
+    dist.mkdir(exist_ok=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ltr-plugin-demo\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(eps)
+
+
+PLUGIN_METHOD = """
+    import torch.nn.functional as F
+    from harness.method import Method
+
+    class LabelSmoothing(Method):
+        name = "plug"
+        title = "Label smoothing (plugin)"
+        paper = "test plugin"
+
+        def stage1_loss(self, ctx):
+            return "ls0.1", lambda logits, feats, y, epoch: F.cross_entropy(logits, y, label_smoothing=0.1)
+
+    METHOD = LabelSmoothing()
+"""
+
+
+def test_third_party_plugin_is_listed_and_runs(tmp_path, env):
+    site = tmp_path / "site"
+    write_synth_plugin(site, PLUGIN_METHOD, broken=True)
+    bench = tmp_path / "b.yaml"
+    bench.write_text(BENCHMARKS_YAML)
+    env = {**env, "PYTHONPATH": os.pathsep.join([str(site), REPO]), "HARNESS_BENCHMARKS": str(bench)}
+    listed = harness("list", "methods", env=env)
+    assert listed.returncode == 0 and "plug" in listed.stdout and "Label smoothing (plugin)" not in listed.stderr
+    assert "broken" not in listed.stdout or "failed to load" in listed.stdout
+    datasets = harness("list", "datasets", env=env)
+    assert "synth-lt" in datasets.stdout
+    out = harness("run", "--method", "plug", "--dataset", "synth-lt", "--rho", "100", "--epochs", "1",
+                  "--device", "cpu", "--no-progress", env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "plug" in out.stdout and run_count(tmp_path) == 1
+    broken = harness("run", "--method", "broken", "--dataset", "synth-lt", "--rho", "100", env=env, cwd=tmp_path)
+    assert broken.returncode == 2
+    assert "method plugin 'broken' (ltr_plugin_demo.broken:METHOD) failed to load: ImportError: needs a library" \
+        in broken.stderr
+    assert run_count(tmp_path) == 1
+
+
+def test_run_list_show_roundtrip(tmp_path, env):
+    site = tmp_path / "site"
+    write_synth_plugin(site)
+    bench = tmp_path / "b.yaml"
+    bench.write_text(BENCHMARKS_YAML)
+    env = {**env, "PYTHONPATH": os.pathsep.join([str(site), REPO]), "HARNESS_BENCHMARKS": str(bench)}
+    out = harness("run", "--method", "ce", "--dataset", "synth-lt", "--rho", "100", "--preset", "quick",
+                  "--device", "cpu", "--no-progress", env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    run_id = out.stdout.splitlines()[2].split("|")[1].strip()
+    runs = harness("list", "runs", env=env)
+    assert run_id in runs.stdout and "completed" in runs.stdout
+    shown = harness("show", run_id[:6], env=env)
+    assert shown.returncode == 0 and "T" not in shown.stderr
+    assert "| test    | few     |" in shown.stdout and "c5" in shown.stdout
+    missing = harness("show", "doesnotexist", env=env)
+    assert missing.returncode == 2 and "no run 'doesnotexist'" in missing.stderr

@@ -1,0 +1,116 @@
+import numpy as np
+import pytest
+import torch
+
+from harness import HarnessError
+from harness.data import group_accuracies, holdout_val, lt_counts, per_class_accuracy, select_lt, shot_group
+from harness.datasets import FMNIST_LT, read_idx
+
+
+@pytest.mark.parametrize("n_max,classes,rho,total", [
+    (500, 100, 100, 10847), (500, 100, 50, 12608), (500, 100, 10, 19573),
+    (5000, 10, 100, 12406), (5000, 10, 50, 13996), (5000, 10, 10, 20431),
+])
+def test_cifar_lt_totals_match_the_papers(n_max, classes, rho, total):
+    counts = lt_counts(n_max, classes, rho)
+    assert sum(counts) == total
+    assert counts[0] == n_max and counts == sorted(counts, reverse=True)
+
+
+def test_fmnist_profile_populates_all_three_shot_groups():
+    counts = lt_counts(FMNIST_LT.n_max, 10, 100)
+    assert counts == [500, 299, 179, 107, 64, 38, 23, 13, 8, 5]
+    groups = [shot_group(c) for c in counts]
+    assert (groups.count("many"), groups.count("medium"), groups.count("few")) == (4, 3, 3)
+
+
+def test_cifar100_rho100_groups_are_35_35_30():
+    groups = [shot_group(c) for c in lt_counts(500, 100, 100)]
+    assert (groups.count("many"), groups.count("medium"), groups.count("few")) == (35, 35, 30)
+
+
+def test_shot_group_boundaries():
+    assert [shot_group(n) for n in (101, 100, 20, 19)] == ["many", "medium", "medium", "few"]
+
+
+def test_rho_below_one_is_rejected():
+    with pytest.raises(HarnessError, match="rho must be >= 1"):
+        lt_counts(500, 10, 0.5)
+
+
+def test_rho_one_is_balanced():
+    assert lt_counts(500, 10, 1) == [500] * 10
+
+
+def labels(per_class=50, classes=5):
+    # interleaved like a real dataset file
+    return np.tile(np.arange(classes), per_class)
+
+
+def test_ldam_generator_reproduces_ldam_drw_selection():
+    y = labels()
+    counts = [50, 20, 8, 3, 1]
+    picked = select_lt(y, counts, "ldam")
+    # LDAM-DRW: np.random.seed(0) once; per class, shuffle that class's indices, keep the head
+    np.random.seed(0)
+    expected = []
+    for c, n in enumerate(counts):
+        idx = np.where(y == c)[0]
+        np.random.shuffle(idx)
+        expected.extend(idx[:n])
+    assert picked.tolist() == expected
+    assert np.bincount(y[picked]).tolist() == counts
+
+
+def test_first_generator_keeps_the_first_images_of_each_class():
+    y = labels()
+    picked = select_lt(y, [3, 2, 1, 1, 1], "first")
+    assert picked[:3].tolist() == [0, 5, 10]          # class 0 at positions 0, 5, 10
+    assert picked[3:5].tolist() == [1, 6]
+    assert not np.array_equal(np.sort(picked), np.sort(select_lt(y, [3, 2, 1, 1, 1], "ldam")))
+
+
+def test_unknown_generator_errors():
+    with pytest.raises(HarnessError, match="known: ldam, first"):
+        select_lt(labels(), [1] * 5, "random")
+
+
+def test_validation_split_is_balanced_and_disjoint_from_training():
+    y = labels(per_class=60)
+    kept = select_lt(y, lt_counts(50, 5, 10), "ldam")
+    val = holdout_val(y, kept, 7)
+    assert np.bincount(y[val]).tolist() == [7] * 5
+    assert not set(val.tolist()) & set(kept.tolist())
+    assert len(set(val.tolist())) == len(val)
+    assert np.array_equal(val, holdout_val(y, kept, 7))  # fixed: part of the benchmark
+
+
+def test_validation_split_too_large_errors():
+    y = labels(per_class=10)
+    kept = select_lt(y, [10, 5, 5, 5, 5], "ldam")
+    with pytest.raises(HarnessError, match="smaller --val-per-class"):
+        holdout_val(y, kept, 3)
+
+
+def test_group_accuracies_empty_group_is_none_not_zero():
+    acc = np.array([90.0, 80.0, 70.0])
+    out = group_accuracies(acc, [500, 300, 150])  # all many, as CIFAR-10-LT at rho 10
+    assert out["all"] == pytest.approx(80.0)
+    assert out["many"] == pytest.approx(80.0)
+    assert out["medium"] is None and out["few"] is None
+
+
+def test_per_class_accuracy():
+    pred = torch.tensor([0, 1, 1, 2, 0, 2])
+    target = torch.tensor([0, 1, 0, 2, 0, 1])
+    assert per_class_accuracy(pred, target, 3).tolist() == pytest.approx([2 / 3, 0.5, 1.0])
+
+
+def test_read_idx_roundtrip(tmp_path):
+    import gzip
+    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    header = bytes([0, 0, 8, 3]) + np.array([2, 3, 4], dtype=">i4").tobytes()
+    path = tmp_path / "x-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.tobytes())
+    assert np.array_equal(read_idx(path), arr)

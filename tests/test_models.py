@@ -1,0 +1,33 @@
+import torch
+
+from harness.models import build_model, resnet32
+
+
+def test_resnet32_size_matches_ldam_drw():
+    model = resnet32(100)
+    n = sum(p.numel() for p in model.parameters())
+    # by hand: stem 432 + 32, stage 1 23,360, stage 2 88,192, stage 3 351,488, fc 64*100 + 100
+    assert n == 463_504 + 6_500
+    assert round(n / 1e6, 2) == 0.47
+    assert model.fc.in_features == 64 and model.fc.bias is not None
+
+
+def test_resnet32_option_a_shortcut_subsamples_and_zero_pads():
+    block = resnet32(10).body.layers[5]  # first block of stage 2: 16 -> 32 channels, stride 2
+    x = torch.randn(2, 16, 8, 8)
+    short = block.shortcut(x)
+    assert short.shape == (2, 32, 4, 4)
+    assert torch.equal(short[:, 8:24], x[:, :, ::2, ::2])
+    assert short[:, :8].abs().sum() == 0 and short[:, 24:].abs().sum() == 0
+    # option A adds no parameters to the shortcut
+    assert sum(p.numel() for p in block.parameters()) == sum(
+        p.numel() for m in (block.conv1, block.bn1, block.conv2, block.bn2) for p in m.parameters())
+
+
+def test_backbones_give_features_and_logits():
+    for name, shape, dim in (("resnet32", (2, 3, 32, 32), 64), ("resnet34-cifar", (2, 3, 32, 32), 512),
+                             ("fmnist-cnn", (2, 1, 28, 28), 128)):
+        model = build_model(name, 7, shape[1]).eval()
+        x = torch.randn(shape)
+        assert model.features(x).shape == (2, dim)
+        assert model(x).shape == (2, 7)

@@ -1,0 +1,122 @@
+"""End to end on the synthetic dataset: real training, real store, tiny budget."""
+import pytest
+from sqlalchemy import func, select
+
+import harness.runner as runner_mod
+from harness.runner import RunRequest, execute
+from harness.store import ClassMetric, CurvePoint, Metric, Run, Store
+from tests.synthetic import SYNTH_COUNTS
+
+
+def run(method, url, **kw):
+    kw.setdefault("preset", "quick")
+    return execute(RunRequest(method=method, dataset="synth-lt", rho=100, device="cpu", progress=False, **kw))
+
+
+def test_ce_run_is_stored_with_groups_and_per_class_rows(synth):
+    [res] = run("ce", synth)
+    run_row = Store(synth).get_run(res.run_id)
+    assert run_row.status == "completed" and run_row.preset == "quick"
+    assert run_row.config["recipe"]["stage1"]["epochs"] == 2  # quick preset applied and recorded
+    test = {m.group: m for m in run_row.metrics if m.split == "test"}
+    assert {g: test[g].n_classes for g in test} == {"all": 6, "many": 1, "medium": 2, "few": 3}
+    assert test["all"].top1 + test["all"].error == pytest.approx(100.0)
+    assert [c.train_count for c in sorted(run_row.class_metrics, key=lambda c: c.class_index)] == SYNTH_COUNTS
+    assert all(c.weight_norm > 0 for c in run_row.class_metrics)
+    assert {m.split for m in run_row.metrics} == {"test", "val"}
+    assert len(run_row.data_checksum) == 64 and run_row.versions["torch"]
+    assert run_row.wall_seconds > 0 and run_row.git_commit
+
+
+def test_stage2_methods_reuse_the_ce_stage1_checkpoint(synth, monkeypatch):
+    calls = []
+    real_train = runner_mod.train
+
+    def counting_train(model, data, spec, seed, progress=None):
+        calls.append(spec.frozen_backbone)
+        return real_train(model, data, spec, seed, progress)
+
+    monkeypatch.setattr(runner_mod, "train", counting_train)
+    [ce] = run("ce", synth)
+    assert calls == [False] and not ce.stage1_cached
+    [crt] = run("crt", synth)
+    [crt_again] = run("crt", synth)
+    [lws] = run("lws", synth)
+    [tau] = run("tau_norm", synth)
+    assert calls == [False, True, True, True]  # stage 1 trained once; stage 2 three times
+    assert crt.stage1_cached and crt_again.stage1_cached and lws.stage1_cached and tau.stage1_cached
+    assert crt.extra["stage1_checkpoint"] == ce.extra["stage1_checkpoint"]
+    [wb] = run("wb", synth)  # different stage-1 recipe (weight decay): its own checkpoint
+    assert not wb.stage1_cached and wb.extra["stage1_checkpoint"] != ce.extra["stage1_checkpoint"]
+
+
+def test_tau_norm_stores_the_whole_sweep_and_both_selections(synth):
+    [res] = run("tau_norm", synth)
+    with Store(synth).session() as s:
+        points = s.scalars(select(CurvePoint).where(CurvePoint.run_id == res.run_id,
+                                                    CurvePoint.kind == "tau_sweep")).all()
+    assert len(points) == 21 * 2 * 4  # τ grid × {val, test} × {all, many, medium, few}
+    assert res.extra["tau_selected_on"] == "val"
+    assert res.extra["tau"] in [p.x for p in points]
+    best_val = max((p for p in points if p.split == "val" and p.group == "all"), key=lambda p: (p.value, -p.x))
+    assert res.extra["tau"] == best_val.x
+    test_at_tau = next(p.value for p in points if p.split == "test" and p.group == "all" and p.x == res.extra["tau"])
+    assert res.metrics["test"]["all"] == pytest.approx(test_at_tau)
+    assert "tau_test_selected" in res.extra
+
+
+def test_wb_records_the_cap(synth):
+    [res] = run("wb", synth)
+    assert res.extra["maxnorm_steps"] > 0
+    assert 0 <= res.extra["maxnorm_active_steps"] <= res.extra["maxnorm_steps"]
+    assert res.extra["stage2_bn_mode"] == "train"
+
+
+def test_fbl_runs(synth):
+    [res] = run("fbl", synth)
+    assert res.extra["stage1_loss_id"] == "fbl(lambda=60.0)"
+
+
+def test_several_seeds_give_several_rows(synth):
+    results = run("ce", synth, seeds=[0, 1])
+    assert [r.config.seed for r in results] == [0, 1]
+    assert results[0].config.config_hash() != results[1].config.config_hash()
+
+
+def test_same_seed_is_deterministic_on_cpu(synth, tmp_path, monkeypatch):
+    [a] = run("ce", synth)
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache2"))
+    [b] = run("ce", synth)
+    assert not b.stage1_cached
+    assert a.metrics == b.metrics
+
+
+def test_a_crash_leaves_a_failed_row_and_no_metrics(synth, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("simulated crash in stage 2")
+
+    from methods.crt import METHOD
+    monkeypatch.setattr(METHOD, "stage2", boom)
+    with pytest.raises(RuntimeError):
+        run("crt", synth)
+    store = Store(synth)
+    [row] = [r for r in store.list_runs() if r.method == "crt"]
+    assert row.status == "failed" and "simulated crash" in row.error
+    with store.session() as s:
+        assert s.scalar(select(func.count()).select_from(Metric).where(Metric.run_id == row.id)) == 0
+        assert s.scalar(select(func.count()).select_from(ClassMetric).where(ClassMetric.run_id == row.id)) == 0
+
+
+def test_completion_is_one_transaction(synth):
+    store = Store(synth)
+    from harness.store import now
+    store.start_run(Run(id="r1", method="ce", dataset="synth-lt", rho=100, backbone="b", seed=0, generator="ldam",
+                        preset="quick", config={}, config_hash="h", status="running", started_at=now(),
+                        device="cpu", git_commit="x", versions={}, data_checksum="c", extra={}))
+    good = {"split": "test", "group": "all", "top1": 50.0, "error": 50.0, "n_classes": 6}
+    bad_class_row = {"class_index": 0, "class_name": "a", "train_count": 1, "accuracy": None, "weight_norm": 1.0}
+    with pytest.raises(Exception):  # NOT NULL accuracy fails after the metrics were added
+        store.complete_run("r1", metrics=[good], class_metrics=[bad_class_row], curves=[], extra={},
+                           wall_seconds=1.0, stage1_cached=False)
+    row = store.get_run("r1")
+    assert row.status == "running" and row.metrics == []
