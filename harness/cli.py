@@ -128,6 +128,39 @@ def show(run_id: str, db: str | None, as_json: bool) -> None:
                         headers=["class", "name", "train", "test acc", "||w||"], tablefmt="github", disable_numparse=True))
 
 
+@cli.command()
+@click.option("--db", envvar="HARNESS_DB", help="SQLAlchemy URL of the results store.")
+@click.option("--format", "fmt_", default="site", show_default=True,
+              type=click.Choice(["site", "html", "markdown", "table", "csv", "latex", "pwc-json"]),
+              help="site = HTML + Markdown under --out; table/csv/latex/pwc-json print to stdout or --file.")
+@click.option("--out", default="reports", show_default=True, help="Folder for HTML and Markdown.")
+@click.option("--file", "file_", help="Write csv/latex/pwc-json/table output here instead of stdout.")
+@click.option("--benchmarks", envvar="HARNESS_BENCHMARKS", help="benchmarks.yaml with the paper references.")
+def report(db, fmt_, out, file_, benchmarks) -> None:
+    """Render leaderboards from the results store."""
+    from pathlib import Path
+
+    from harness import report as rep
+    from harness.store import Store
+
+    boards = rep.build_boards(Store(db), benchmarks, plots=fmt_ in ("site", "html"))
+    if fmt_ in ("site", "html", "markdown"):
+        written = []
+        if fmt_ in ("site", "html"):
+            written += rep.render_html(boards, Path(out))
+        if fmt_ in ("site", "markdown"):
+            written += rep.render_markdown(boards, Path(out))
+        click.echo(f"{len(boards)} boards, {len(written)} files under {out}/ (open {out}/index.html)")
+        return
+    text = {"table": rep.render_terminal, "csv": rep.render_csv, "latex": rep.render_latex,
+            "pwc-json": rep.render_pwc_json}[fmt_](boards)
+    if file_:
+        Path(file_).write_text(text, encoding="utf-8")
+        click.echo(f"wrote {file_}")
+    else:
+        click.echo(text)
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)

@@ -50,7 +50,10 @@ def select_lt(targets: np.ndarray, counts: list[int], generator: str = "ldam") -
 
 
 def holdout_val(targets: np.ndarray, kept: np.ndarray, per_class: int) -> np.ndarray:
-    """A balanced validation split drawn from training images the LT subset did not keep."""
+    """A validation split drawn from training images the LT subset did not keep:
+    `per_class` images per class, or all that are left where fewer remain. At rho > 1
+    the head class keeps every training image (n_0 = n_max), so it has none; its
+    validation accuracy is then absent (NaN), never counted as 0."""
     targets = np.asarray(targets)
     if per_class <= 0:
         return np.zeros(0, dtype=np.int64)
@@ -60,13 +63,11 @@ def holdout_val(targets: np.ndarray, kept: np.ndarray, per_class: int) -> np.nda
     picked = []
     for c in range(int(targets.max()) + 1):
         pool = np.where(unused & (targets == c))[0]
-        if len(pool) < per_class:
-            raise HarnessError(
-                f"class {c} has only {len(pool)} unused training images for a validation split of "
-                f"{per_class} per class; pass a smaller --val-per-class"
-            )
-        picked.append(np.sort(rng.choice(pool, per_class, replace=False)))
-    return np.concatenate(picked)
+        picked.append(np.sort(rng.choice(pool, min(per_class, len(pool)), replace=False)))
+    out = np.concatenate(picked)
+    if len(out) == 0:
+        raise HarnessError("no training images are left for a validation split; pass --val-per-class 0")
+    return out
 
 
 def shot_group(count: int) -> str:
@@ -80,12 +81,14 @@ def shot_group(count: int) -> str:
 
 def group_accuracies(per_class_acc: np.ndarray, train_counts: list[int]) -> dict[str, float | None]:
     """Overall top-1 is the mean over classes (test sets are balanced); groups average
-    their classes' accuracies. An empty group is None, never 0."""
+    their classes' accuracies. An empty group is None, never 0; classes without
+    evaluation images (NaN) are left out."""
     per_class_acc = np.asarray(per_class_acc, dtype=np.float64)
-    out: dict[str, float | None] = {"all": float(per_class_acc.mean())}
     groups = np.array([shot_group(n) for n in train_counts])
-    for g in SHOT_GROUPS:
-        mask = groups == g
+    present = ~np.isnan(per_class_acc)  # a class with no evaluation images has no accuracy
+    out: dict[str, float | None] = {}
+    for g in ("all",) + SHOT_GROUPS:
+        mask = present & ((groups == g) if g != "all" else True)
         out[g] = float(per_class_acc[mask].mean()) if mask.any() else None
     return out
 
@@ -95,7 +98,9 @@ def per_class_accuracy(pred: torch.Tensor, target: torch.Tensor, num_classes: in
     total = torch.zeros(num_classes, dtype=torch.float64, device=pred.device)
     total.index_add_(0, target, torch.ones_like(target, dtype=torch.float64))
     correct.index_add_(0, target, (pred == target).to(torch.float64))
-    return (correct / total.clamp_min(1)).cpu().numpy()
+    acc = (correct / total.clamp_min(1)).cpu().numpy()
+    acc[total.cpu().numpy() == 0] = np.nan  # no images of that class in this split
+    return acc
 
 
 @dataclass

@@ -7,6 +7,7 @@ the validation split are cut by `harness.data`.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,11 +121,32 @@ def folder_layout(root: Path | None) -> Path | None:
     return None
 
 
+def folder_signature(top: Path, channels: int) -> str:
+    """Path, file count, total size and newest mtime: changes whenever the tree does."""
+    count = size = newest = 0
+    for dirpath, _, files in os.walk(top):
+        for name in files:
+            st = os.stat(os.path.join(dirpath, name))
+            count, size, newest = count + 1, size + st.st_size, max(newest, st.st_mtime_ns)
+    text = f"{top.resolve()}|{count}|{size}|{newest}|{channels}"
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
 def load_folder_splits(spec: DatasetSpec, top: Path) -> RawSplits:
+    """Decode train/ and test/ once; later runs read the decoded tensors from the cache."""
+    from harness.checkpoints import cache_root, load_checkpoint, save_atomic
+
+    cached_path = cache_root() / "decoded" / f"{folder_signature(top, spec.channels)}.pt"
+    cached = load_checkpoint(cached_path)
+    if cached is not None:
+        return RawSplits(cached["train_x"], cached["train_y"].numpy(), cached["test_x"], cached["test_y"].numpy(),
+                         list(cached["classes"]))
     train_x, train_y, classes = load_image_folder(top / "train", spec.channels)
     test_x, test_y, test_classes = load_image_folder(top / "test", spec.channels)
     if test_classes != classes:
         raise HarnessError(f"train and test class folders differ under {top}")
+    save_atomic(cached_path, {"train_x": train_x, "train_y": torch.from_numpy(train_y), "test_x": test_x,
+                              "test_y": torch.from_numpy(test_y), "classes": classes})
     return RawSplits(train_x, train_y, test_x, test_y, classes)
 
 

@@ -7,7 +7,10 @@ gather, normalises it and runs the model. The host is read once per epoch
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -22,7 +25,7 @@ from harness.data import LTData
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
-def cross_entropy(logits: torch.Tensor, feats: torch.Tensor, target: torch.Tensor, epoch: int) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, feats: torch.Tensor, target: torch.Tensor, epoch) -> torch.Tensor:
     return F.cross_entropy(logits, target)
 
 
@@ -80,19 +83,24 @@ class DeviceData:
         x = x_uint8.float() * self.scale + self.shift
         return x.contiguous(memory_format=torch.channels_last)
 
-    def train_batch(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Random crop (zero padding) + horizontal flip per sample, done as one gather."""
-        b, s, p = idx.shape[0], self.size, self.padding
-        oy = torch.randint(0, 2 * p + 1, (b, 1), device=self.device, generator=gen)
-        ox = torch.randint(0, 2 * p + 1, (b, 1), device=self.device, generator=gen)
-        rows = oy + self.arange
-        cols = ox + self.arange
-        if self.flip:
-            flip = torch.rand((b, 1), device=self.device, generator=gen) < 0.5
-            cols = torch.where(flip, ox + (s - 1 - self.arange), cols)
-        x = self.train_pad[idx.view(b, 1, 1, 1), self.channel_idx,
-                           rows.view(b, 1, s, 1), cols.view(b, 1, 1, s)]
+    def draw_augment(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Crop offsets and flips for n samples (RandomCrop(padding) + RandomHorizontalFlip)."""
+        p = self.padding
+        oy = torch.randint(0, 2 * p + 1, (n,), device=self.device, generator=gen)
+        ox = torch.randint(0, 2 * p + 1, (n,), device=self.device, generator=gen)
+        flip = torch.rand((n,), device=self.device, generator=gen) < 0.5
+        return oy, ox, flip & self.flip
+
+    def augment(self, idx, oy, ox, flip) -> torch.Tensor:
+        """Crop (zero padding) + horizontal flip per sample, done as one gather."""
+        b, s = idx.shape[0], self.size
+        rows = oy.view(b, 1) + self.arange
+        cols = torch.where(flip.view(b, 1), ox.view(b, 1) + (s - 1 - self.arange), ox.view(b, 1) + self.arange)
+        x = self.train_pad[idx.view(b, 1, 1, 1), self.channel_idx, rows.view(b, 1, s, 1), cols.view(b, 1, 1, s)]
         return self.normalise(x)
+
+    def train_batch(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return self.augment(idx, *self.draw_augment(idx.shape[0], gen))
 
 
 # ---------------------------------------------------------------- samplers
@@ -166,12 +174,13 @@ class TrainSpec:
     weight_decay: float
     schedule: dict
     sampler: str = "instance"            # or "class_aware"
-    loss: LossFn = cross_entropy
+    loss: LossFn = cross_entropy         # (logits, feats, target, epoch as a 0-dim device tensor)
     params: list[nn.Parameter] | None = None  # None: every parameter of the model
     frozen_backbone: bool = False        # features computed without gradients
     bn_mode: str = "train"               # BatchNorm mode of a frozen backbone
-    after_step: Callable[[], None] | None = None
+    after_step: Callable[[], None] | None = None  # tensor ops only (it is captured in the CUDA graph)
     nesterov: bool = False
+    cuda_graphs: bool = True             # capture the step on CUDA; eager elsewhere
 
     @classmethod
     def from_recipe(cls, recipe: dict, **kw) -> "TrainSpec":
@@ -183,6 +192,7 @@ class TrainSpec:
 class TrainLog:
     epoch_loss: list[float] = field(default_factory=list)
     steps: int = 0
+    graph: str = "eager"                 # "cuda-graph" or "eager (<reason>)"
 
 
 def autocast_for(device: torch.device):
@@ -193,61 +203,215 @@ def autocast_for(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
-def make_optimizer(params, spec: TrainSpec, device: torch.device) -> torch.optim.SGD:
+def make_optimizer(params, spec: TrainSpec, device: torch.device, lr=None) -> torch.optim.SGD:
     extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay,
-                           nesterov=spec.nesterov, **extra)
+    return torch.optim.SGD(params, lr=spec.lr if lr is None else lr, momentum=spec.momentum,
+                           weight_decay=spec.weight_decay, nesterov=spec.nesterov, **extra)
+
+
+def graphs_wanted(spec: TrainSpec, device: torch.device) -> bool:
+    return device.type == "cuda" and spec.cuda_graphs and not os.environ.get("HARNESS_NO_CUDA_GRAPHS")
+
+
+class Trainer:
+    """Trains one model by one spec, epoch by epoch.
+
+    Each epoch draws its sample order and its augmentation (crop offsets, flips) up
+    front on the device; a step only indexes them. On CUDA the full-batch step is
+    captured once as a CUDA graph that reads the epoch's buffers at a device-side
+    step counter, so an epoch is one `replay()` per step and one host read at the
+    end; the learning rate and the epoch number live in device tensors. The last,
+    smaller batch runs eagerly. The math is the same on every path.
+    """
+
+    def __init__(self, model, data: DeviceData, spec: TrainSpec, seed: int):
+        self.model, self.data, self.spec = model, data, spec
+        self.device = data.device
+        self.params = list(spec.params) if spec.params is not None else list(model.parameters())
+        self.use_graph = graphs_wanted(spec, self.device)
+        self.lr_t = torch.tensor(spec.lr, device=self.device) if self.use_graph else None
+        self.opt = make_optimizer(self.params, spec, self.device, self.lr_t)
+        self.gen = torch.Generator(device=self.device).manual_seed(seed)
+        self.rng = np.random.RandomState(seed)
+        self.labels_np = data.train_y.cpu().numpy() if spec.sampler == "class_aware" else None
+        if spec.sampler not in ("instance", "class_aware"):
+            raise HarnessError(f"unknown sampler '{spec.sampler}'; known: instance, class_aware")
+        self.epoch_t = torch.zeros((), device=self.device)
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.step_t = torch.zeros((), dtype=torch.long, device=self.device)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.graph = None
+        self.log = TrainLog()
+        self.epoch = 0
+
+    # -- one step, tensor ops only ------------------------------------------------
+    def _step(self, idx, oy, ox, flip, zero_grad: bool = True) -> None:
+        spec, model = self.spec, self.model
+        x = self.data.augment(idx, oy, ox, flip)
+        y = self.data.train_y[idx]
+        with autocast_for(self.device):
+            if spec.frozen_backbone:
+                with torch.no_grad():
+                    feats = model.features(x)
+            else:
+                feats = model.features(x)
+            logits = model.fc(feats)
+        loss = spec.loss(logits.float(), feats.float(), y, self.epoch_t)
+        if zero_grad:
+            self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if spec.after_step is not None:
+            spec.after_step()
+        self.loss_sum += loss.detach() * idx.shape[0]
+
+    def _graph_step(self) -> None:
+        i = self.step_t.view(1)  # a device-side index: no host sync inside the graph
+        pick = lambda buf: buf.index_select(0, i).squeeze(0)  # noqa: E731
+        self._step(pick(self.ep_idx), pick(self.ep_oy), pick(self.ep_ox), pick(self.ep_flip), zero_grad=False)
+        self.step_t += 1
+
+    def _capture(self, steps: int) -> None:
+        """Warm up on a side stream, restore every state the warm-up touched, capture."""
+        b = self.spec.batch_size
+        self.ep_idx = torch.zeros((steps, b), dtype=torch.long, device=self.device)
+        self.ep_oy = torch.zeros((steps, b), dtype=torch.long, device=self.device)
+        self.ep_ox = torch.zeros((steps, b), dtype=torch.long, device=self.device)
+        self.ep_flip = torch.zeros((steps, b), dtype=torch.bool, device=self.device)
+        saved = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        hook_state = getattr(self.spec.after_step, "state_tensors", lambda: [])()
+        hook_saved = [t.clone() for t in hook_state]
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.step_t.zero_()
+                self._step(self.ep_idx[0], self.ep_oy[0], self.ep_ox[0], self.ep_flip[0])
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        with torch.no_grad():
+            for k, v in self.model.state_dict().items():
+                v.copy_(saved[k])
+            for state in self.opt.state.values():
+                # a zero momentum buffer gives exactly SGD's first step (buf = grad)
+                if state.get("momentum_buffer") is not None:
+                    state["momentum_buffer"].zero_()
+            for t, s in zip(hook_state, hook_saved):
+                t.copy_(s)
+        self.opt.zero_grad(set_to_none=True)
+        self.step_t.zero_()
+        self.loss_sum.zero_()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._graph_step()
+        self.graph = graph
+
+    # -- epochs ---------------------------------------------------------------------
+    def _draw(self) -> tuple[torch.Tensor, ...]:
+        if self.spec.sampler == "class_aware":
+            order = torch.from_numpy(class_aware_order(self.labels_np, self.rng)).to(self.device)
+        else:
+            order = instance_order(self.data.n_train, self.gen, self.device)
+        return (order, *self.data.draw_augment(order.shape[0], self.gen))
+
+    def begin_epoch(self) -> None:
+        spec, epoch = self.spec, self.epoch
+        lr = spec.lr * lr_factor(spec.schedule, epoch, spec.epochs)
+        if self.lr_t is not None:
+            self.lr_t.fill_(lr)
+        else:
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+        self.epoch_t.fill_(float(epoch))
+        self.loss_sum.zero_()
+        self.order, self.oy, self.ox, self.flip = self._draw()
+        n, b = self.order.shape[0], spec.batch_size
+        self.full_steps, self.n = n // b, n
+        self.cursor = 0
+        if self.use_graph and self.full_steps > 0:
+            if self.graph is None or self.ep_idx.shape[0] < self.full_steps:
+                try:
+                    self._capture(self.full_steps)
+                    self.log.graph = "cuda-graph"
+                except Exception as exc:  # capture can fail on exotic ops: train eagerly instead
+                    warnings.warn(f"CUDA graph capture failed, training eagerly: {type(exc).__name__}: {exc}")
+                    self.use_graph, self.graph = False, None
+                    self.log.graph = f"eager ({type(exc).__name__} during capture)"
+                    return self.begin_epoch()
+            m = self.full_steps * b
+            self.ep_idx[:self.full_steps].copy_(self.order[:m].view(-1, b))
+            self.ep_oy[:self.full_steps].copy_(self.oy[:m].view(-1, b))
+            self.ep_ox[:self.full_steps].copy_(self.ox[:m].view(-1, b))
+            self.ep_flip[:self.full_steps].copy_(self.flip[:m].view(-1, b))
+            self.step_t.zero_()
+
+    def steps_in_epoch(self) -> int:
+        return -(-self.n // self.spec.batch_size)
+
+    def step(self) -> None:
+        """The next step of the current epoch."""
+        b, start = self.spec.batch_size, self.cursor
+        if self.graph is not None and start // b < self.full_steps:
+            self.graph.replay()
+        else:
+            sl = slice(start, start + b)
+            self._step(self.order[sl], self.oy[sl], self.ox[sl], self.flip[sl])
+        self.cursor += b
+        self.log.steps += 1
+
+    def end_epoch(self) -> float:
+        loss = float(self.loss_sum) / self.n  # the one host read per epoch
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"loss became {loss} in epoch {self.epoch}")
+        self.log.epoch_loss.append(loss)
+        self.epoch += 1
+        return loss
+
+    def mode(self) -> None:
+        self.model.train()
+        if self.spec.frozen_backbone and self.spec.bn_mode == "eval":
+            self.model.body.eval()
+
+    def on_stream(self):
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+
+def fit_many(trainers: list[Trainer], progress=None) -> list[TrainLog]:
+    """Train several models together, interleaved step by step; on CUDA each trainer
+    issues its work on its own stream, so independent runs overlap on one GPU.
+    Every trainer's math is exactly what it would be alone."""
+    if not trainers:
+        return []
+    epochs = trainers[0].spec.epochs
+    if any(t.spec.epochs != epochs for t in trainers):
+        raise HarnessError("trainers trained together must have the same number of epochs")
+    for t in trainers:
+        t.mode()
+        if t.stream is not None:
+            t.stream.wait_stream(torch.cuda.current_stream(t.device))
+    for epoch in range(epochs):
+        for t in trainers:
+            with t.on_stream():
+                t.begin_epoch()
+        for i in range(max(t.steps_in_epoch() for t in trainers)):
+            for t in trainers:
+                if i < t.steps_in_epoch():
+                    with t.on_stream():
+                        t.step()
+        losses = []
+        for t in trainers:
+            with t.on_stream():
+                losses.append(t.end_epoch())
+        if progress is not None:
+            progress(epoch, epochs, float(np.mean(losses)))
+    for t in trainers:
+        if t.stream is not None:
+            torch.cuda.current_stream(t.device).wait_stream(t.stream)
+    return [t.log for t in trainers]
 
 
 def train(model, data: DeviceData, spec: TrainSpec, seed: int, progress=None) -> TrainLog:
     """Train `model` in place by `spec`. `progress(epoch, epochs, loss)` is called once per epoch."""
-    device = data.device
-    params = list(spec.params) if spec.params is not None else [p for p in model.parameters()]
-    opt = make_optimizer(params, spec, device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    rng = np.random.RandomState(seed)
-    labels_np = data.train_y.cpu().numpy() if spec.sampler == "class_aware" else None
-    model.train()
-    if spec.frozen_backbone and spec.bn_mode == "eval":
-        model.body.eval()
-    log = TrainLog()
-    for epoch in range(spec.epochs):
-        lr = spec.lr * lr_factor(spec.schedule, epoch, spec.epochs)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        if spec.sampler == "class_aware":
-            order = torch.from_numpy(class_aware_order(labels_np, rng)).to(device)
-        elif spec.sampler == "instance":
-            order = instance_order(data.n_train, gen, device)
-        else:
-            raise HarnessError(f"unknown sampler '{spec.sampler}'; known: instance, class_aware")
-        loss_sum = torch.zeros((), device=device)
-        for start in range(0, order.shape[0], spec.batch_size):
-            idx = order[start:start + spec.batch_size]
-            x = data.train_batch(idx, gen)
-            y = data.train_y[idx]
-            with autocast_for(device):
-                if spec.frozen_backbone:
-                    with torch.no_grad():
-                        feats = model.features(x)
-                else:
-                    feats = model.features(x)
-                logits = model.fc(feats)
-            loss = spec.loss(logits.float(), feats.float(), y, epoch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if spec.after_step is not None:
-                spec.after_step()
-            loss_sum += loss.detach() * idx.shape[0]
-            log.steps += 1
-        epoch_loss = float(loss_sum) / order.shape[0]  # the one host read per epoch
-        if not math.isfinite(epoch_loss):
-            raise TrainingDiverged(f"loss became {epoch_loss} in epoch {epoch}")
-        log.epoch_loss.append(epoch_loss)
-        if progress is not None:
-            progress(epoch, spec.epochs, epoch_loss)
-    return log
+    return fit_many([Trainer(model, data, spec, seed)], progress)[0]
 
 
 @torch.no_grad()

@@ -19,7 +19,8 @@ from harness import HarnessError
 from harness.checkpoints import cache_root, load_checkpoint, save_atomic, stage1_key, stage1_path
 from harness.config import RunConfig, load_benchmarks, resolve
 from harness.data import LTData, group_accuracies, per_class_accuracy, shot_group
-from harness.engine import DeviceData, TrainSpec, device_name, predict, resolve_device, train
+from harness.engine import (DeviceData, Trainer, TrainSpec, device_name, fit_many, predict, resolve_device,
+                            train)
 from harness.method import Method, RunContext
 from harness.models import BACKBONES, build_model, head_weight
 from harness.provenance import git_commit, package_versions
@@ -70,7 +71,8 @@ def prepare(req: RunRequest, seed: int) -> tuple[Method, object, RunConfig]:
 
 
 def execute(req: RunRequest) -> list[RunResult]:
-    """Run every seed of the request; validation of all seeds happens before any training."""
+    """Run every seed of the request. Everything is validated before a row is written;
+    the seeds' stage-1 trainings run together (concurrently on one GPU)."""
     prepared = [prepare(req, seed) for seed in req.seeds]
     device = resolve_device(req.device)
     _, spec, cfg0 = prepared[0]
@@ -80,31 +82,82 @@ def execute(req: RunRequest) -> list[RunResult]:
     data = spec.build(cfg0.rho, cfg0.generator, cfg0.val_per_class, root, req.download)
     store = Store(req.db)  # opened only once the request is known to be good: bad input creates nothing
     checksum = data.checksum()
-    return [run_one(method, spec, cfg, data, checksum, device, store, req) for method, spec, cfg in prepared]
-
-
-def run_one(method: Method, spec, cfg: RunConfig, data: LTData, checksum: str, device: torch.device,
-            store: Store, req: RunRequest) -> RunResult:
-    run_id = uuid.uuid4().hex[:12]
-    store.start_run(Run(
-        id=run_id, method=cfg.method, dataset=cfg.dataset, rho=cfg.rho, backbone=cfg.backbone, seed=cfg.seed,
-        generator=cfg.generator, preset=cfg.preset, config=cfg.to_dict(), config_hash=cfg.config_hash(),
-        status="running", started_at=now(), device=device_name(device), git_commit=git_commit(),
-        versions=package_versions(), data_checksum=checksum, extra={}))
-    start = time.perf_counter()
+    ddata = DeviceData(data, spec.mean, spec.std, spec.crop_padding, spec.flip, device)
+    jobs = [Job(method, cfg, uuid.uuid4().hex[:12]) for method, _, cfg in prepared]
+    for job in jobs:
+        store.start_run(Run(
+            id=job.run_id, method=job.cfg.method, dataset=job.cfg.dataset, rho=job.cfg.rho,
+            backbone=job.cfg.backbone, seed=job.cfg.seed, generator=job.cfg.generator, preset=job.cfg.preset,
+            config=job.cfg.to_dict(), config_hash=job.cfg.config_hash(), status="running", started_at=now(),
+            device=device_name(device), git_commit=git_commit(), versions=package_versions(),
+            data_checksum=checksum, extra={}))
+    results, start = [], time.perf_counter()
     try:
-        result = train_and_evaluate(method, spec, cfg, data, checksum, device, req)
-    except BaseException as exc:  # KeyboardInterrupt too: the row must say the run did not finish
-        store.fail_run(run_id, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}",
-                       time.perf_counter() - start)
+        stage1(jobs, data, ddata, checksum, req)
+        for job in jobs:
+            results.append(finish(job, data, ddata, store, req.progress))
+    except BaseException as exc:  # KeyboardInterrupt too: the rows must say the runs did not finish
+        error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
+        for job in jobs[len(results):]:
+            store.fail_run(job.run_id, error, time.perf_counter() - start)
         raise
-    metrics, class_rows, curves, extra, cached = result
-    store.complete_run(run_id, metrics=metrics, class_metrics=class_rows, curves=curves, extra=extra,
-                       wall_seconds=time.perf_counter() - start, stage1_cached=cached)
-    summary: dict = {}
-    for m in metrics:
-        summary.setdefault(m["split"], {})[m["group"]] = m["top1"]
-    return RunResult(run_id, cfg, summary, extra, cached)
+    return results
+
+
+@dataclass
+class Job:
+    method: Method
+    cfg: RunConfig
+    run_id: str
+    model: torch.nn.Module | None = None
+    ctx: RunContext | None = None
+    cached: bool = False
+
+
+def stage1(jobs: list[Job], data: LTData, ddata: DeviceData, checksum: str, req: RunRequest) -> None:
+    """Load each job's stage-1 checkpoint or train it; uncached jobs train together."""
+    to_train: list[tuple[Job, Trainer, Path]] = []
+    for job in jobs:
+        cfg = job.cfg
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        model = build_model(cfg.backbone, data.num_classes, data.train_x.shape[1])
+        job.model = model.to(ddata.device, memory_format=torch.channels_last)
+        job.ctx = RunContext(data=ddata, train_counts=data.train_counts, recipe=cfg.recipe, seed=cfg.seed)
+        loss_id, loss = job.method.stage1_loss(job.ctx)
+        path = stage1_path(cache_root(req.cache_dir), stage1_key(cfg.to_dict(), loss_id, checksum))
+        job.ctx.extra.update(stage1_checkpoint=path.name, stage1_loss_id=loss_id)
+        cached = load_checkpoint(path)
+        if cached is not None:
+            job.model.load_state_dict(cached["model"])
+            job.cached = True
+            record_stage1(job, cached["epoch_loss"], cached["seconds"], cached.get("engine", "unknown"))
+        else:
+            spec = TrainSpec.from_recipe(cfg.recipe["stage1"], loss=loss)
+            to_train.append((job, Trainer(job.model, ddata, spec, cfg.seed), path))
+    # one group per epoch budget: trainers interleave step by step within a group
+    groups: dict[int, list] = {}
+    for item in to_train:
+        groups.setdefault(item[1].spec.epochs, []).append(item)
+    for group in groups.values():
+        seeds = ", ".join(str(j.cfg.seed) for j, _, _ in group)
+        update, close = progress_printer(f"{group[0][0].cfg.method} stage 1 seed {seeds}", req.progress)
+        t0 = time.perf_counter()
+        try:
+            logs = fit_many([t for _, t, _ in group], update)
+        finally:
+            close()
+        seconds = (time.perf_counter() - t0) / len(group)
+        for (job, _, path), log in zip(group, logs):
+            save_atomic(path, {"model": job.model.state_dict(), "epoch_loss": log.epoch_loss, "seconds": seconds,
+                               "engine": log.graph})
+            record_stage1(job, log.epoch_loss, seconds, log.graph)
+
+
+def record_stage1(job: Job, epoch_loss: list[float], seconds: float, engine: str) -> None:
+    job.ctx.extra.update(stage1_seconds=seconds, stage1_engine=engine)
+    job.ctx.curves += [{"kind": "train_loss", "x": e, "split": "stage1", "group": "all", "value": v}
+                       for e, v in enumerate(epoch_loss)]
 
 
 def progress_printer(label: str, enabled: bool):
@@ -122,46 +175,21 @@ def progress_printer(label: str, enabled: bool):
     return update, bar.close
 
 
-def train_stage(model, ddata, spec: TrainSpec, seed: int, label: str, enabled: bool):
-    update, close = progress_printer(label, enabled)
-    try:
-        return train(model, ddata, spec, seed, update)
-    finally:
-        close()
-
-
-def train_and_evaluate(method: Method, spec, cfg: RunConfig, data: LTData, checksum: str,
-                       device: torch.device, req: RunRequest):
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    ddata = DeviceData(data, spec.mean, spec.std, spec.crop_padding, spec.flip, device)
-    model = build_model(cfg.backbone, data.num_classes, data.train_x.shape[1])
-    model = model.to(device, memory_format=torch.channels_last)
-    ctx = RunContext(data=ddata, train_counts=data.train_counts, recipe=cfg.recipe, seed=cfg.seed)
-
-    loss_id, loss = method.stage1_loss(ctx)
-    ckpt_path = stage1_path(cache_root(req.cache_dir), stage1_key(cfg.to_dict(), loss_id, checksum))
-    cached = load_checkpoint(ckpt_path)
-    if cached is not None:
-        model.load_state_dict(cached["model"])
-        stage1_loss, stage1_seconds = cached["epoch_loss"], cached["seconds"]
-    else:
-        t0 = time.perf_counter()
-        log = train_stage(model, ddata, TrainSpec.from_recipe(cfg.recipe["stage1"], loss=loss), cfg.seed,
-                          f"{cfg.method} stage 1 seed {cfg.seed}", req.progress)
-        stage1_loss, stage1_seconds = log.epoch_loss, time.perf_counter() - t0
-        save_atomic(ckpt_path, {"model": model.state_dict(), "epoch_loss": stage1_loss, "seconds": stage1_seconds})
-    ctx.extra.update(stage1_checkpoint=ckpt_path.name, stage1_seconds=stage1_seconds, stage1_loss_id=loss_id)
-    ctx.curves += [{"kind": "train_loss", "x": e, "split": "stage1", "group": "all", "value": v}
-                   for e, v in enumerate(stage1_loss)]
-
+def finish(job: Job, data: LTData, ddata: DeviceData, store: Store, progress: bool) -> RunResult:
+    """Stage 2, post-hoc step, evaluation and the one-transaction write of one job."""
+    method, cfg, model, ctx = job.method, job.cfg, job.model, job.ctx
+    start = time.perf_counter()
     spec2 = method.stage2(model, ctx)
     if spec2 is not None:
-        log2 = train_stage(model, ddata, spec2, cfg.seed + 1, f"{cfg.method} stage 2 seed {cfg.seed}", req.progress)
+        update, close = progress_printer(f"{cfg.method} stage 2 seed {cfg.seed}", progress)
+        try:
+            log2 = train(model, ddata, spec2, cfg.seed + 1, update)
+        finally:
+            close()
+        ctx.extra["stage2_engine"] = log2.graph
         ctx.curves += [{"kind": "train_loss", "x": e, "split": "stage2", "group": "all", "value": v}
                        for e, v in enumerate(log2.epoch_loss)]
     method.finalize(model, ctx)
-
     metrics, test_acc = [], None
     for split, x, y in (("test", ddata.test_x, ddata.test_y), ("val", ddata.val_x, ddata.val_y)):
         if y.numel() == 0:
@@ -176,4 +204,11 @@ def train_and_evaluate(method: Method, spec, cfg: RunConfig, data: LTData, check
     class_rows = [{"class_index": c, "class_name": data.class_names[c], "train_count": int(data.train_counts[c]),
                    "accuracy": float(test_acc[c]), "weight_norm": float(norms[c])}
                   for c in range(data.num_classes)]
-    return metrics, class_rows, ctx.curves, ctx.extra, cached is not None
+    # this run's own compute: its stage-1 share when it trained one, plus everything after
+    own_seconds = time.perf_counter() - start + (0.0 if job.cached else ctx.extra["stage1_seconds"])
+    store.complete_run(job.run_id, metrics=metrics, class_metrics=class_rows, curves=ctx.curves, extra=ctx.extra,
+                       wall_seconds=own_seconds, stage1_cached=job.cached)
+    summary: dict = {}
+    for m in metrics:
+        summary.setdefault(m["split"], {})[m["group"]] = m["top1"]
+    return RunResult(job.run_id, cfg, summary, ctx.extra, job.cached)

@@ -31,14 +31,19 @@ class MaxNorm:
         norms = weight.detach().norm(dim=1)
         self.weight = weight
         self.radius = float(norms.min() + thresh * (norms.max() - norms.min()))
+        # device counters, read once at the end: no per-step sync, and safe inside a CUDA graph
         self.active_steps = torch.zeros((), dtype=torch.long, device=weight.device)
-        self.steps = 0
+        self.steps = torch.zeros((), dtype=torch.long, device=weight.device)
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """What a step mutates besides the model (restored after graph warm-up)."""
+        return [self.active_steps, self.steps]
 
     @torch.no_grad()
     def __call__(self) -> None:
         norms = self.weight.norm(dim=1, keepdim=True)
         over = norms > self.radius
-        self.active_steps += over.any().long()  # read once at the end, no per-step sync
+        self.active_steps += over.any().long()
         self.weight.mul_(torch.where(over, self.radius / norms, torch.ones_like(norms)))
         self.steps += 1
 
@@ -63,7 +68,7 @@ class WeightBalancing(Method):
     def finalize(self, model, ctx: RunContext) -> None:
         cap = ctx.state["maxnorm"]
         ctx.extra["maxnorm_active_steps"] = int(cap.active_steps)
-        ctx.extra["maxnorm_steps"] = cap.steps
+        ctx.extra["maxnorm_steps"] = int(cap.steps)
 
 
 METHOD = WeightBalancing()

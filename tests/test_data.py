@@ -85,11 +85,26 @@ def test_validation_split_is_balanced_and_disjoint_from_training():
     assert np.array_equal(val, holdout_val(y, kept, 7))  # fixed: part of the benchmark
 
 
-def test_validation_split_too_large_errors():
+def test_head_class_without_leftovers_gets_what_is_left():
     y = labels(per_class=10)
-    kept = select_lt(y, [10, 5, 5, 5, 5], "ldam")
-    with pytest.raises(HarnessError, match="smaller --val-per-class"):
-        holdout_val(y, kept, 3)
+    kept = select_lt(y, [10, 5, 5, 5, 5], "ldam")  # class 0 keeps all its images
+    val = holdout_val(y, kept, 3)
+    assert np.bincount(y[val], minlength=5).tolist() == [0, 3, 3, 3, 3]
+    assert not set(val.tolist()) & set(kept.tolist())
+
+
+def test_cifar10_lt_validation_split_sizes():
+    y = np.repeat(np.arange(10), 5000)
+    kept = select_lt(y, lt_counts(5000, 10, 100), "ldam")
+    val = holdout_val(y, kept, 20)
+    assert np.bincount(y[val], minlength=10).tolist() == [0] + [20] * 9
+
+
+def test_class_without_images_is_nan_and_left_out():
+    acc = per_class_accuracy(torch.tensor([1, 1]), torch.tensor([1, 2]), 3)
+    assert np.isnan(acc[0]) and acc[1] == 1.0 and acc[2] == 0.0
+    out = group_accuracies(acc, [500, 50, 5])
+    assert out["all"] == pytest.approx(0.5) and out["many"] is None and out["medium"] == 1.0
 
 
 def test_group_accuracies_empty_group_is_none_not_zero():

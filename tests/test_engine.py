@@ -85,3 +85,61 @@ def test_class_aware_sampler_is_uniform_over_classes_in_groups_of_four():
     # images each appear about equally often
     rare = order[labels[order] == 4]
     assert abs(np.sum(rare == np.where(labels == 4)[0][0]) - len(rare) / 2) <= 2
+
+
+def small_setup(seed=0):
+    from harness.models import fmnist_cnn
+    torch.manual_seed(seed)
+    x = torch.randint(0, 256, (50, 1, 8, 8), dtype=torch.uint8)
+    y = torch.arange(50) % 3
+    data = LTData("t", 3, list("abc"), x, y, x[:0], y[:0], x, y, [17, 17, 16])
+    return data, fmnist_cnn(3).to(memory_format=torch.channels_last)
+
+
+def spec_for(**kw):
+    from harness.engine import TrainSpec
+    base = dict(epochs=2, batch_size=16, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule={"kind": "cosine"})
+    return TrainSpec(**{**base, **kw})
+
+
+def test_trainers_interleaved_equal_trainers_alone():
+    from harness.engine import Trainer, fit_many, train
+    data, _ = small_setup()
+    dd = DeviceData(data, (0.5,), (0.25,), 1, True, torch.device("cpu"))
+    models_alone = [small_setup(s)[1] for s in (0, 1)]
+    models_together = [small_setup(s)[1] for s in (0, 1)]
+    logs_alone = [train(m, dd, spec_for(), seed=s) for s, m in zip((3, 4), models_alone)]
+    logs_together = fit_many([Trainer(m, dd, spec_for(), seed=s) for s, m in zip((3, 4), models_together)])
+    for a, b in zip(models_alone, models_together):
+        for (k, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(pa, pb), k
+    assert [l.epoch_loss for l in logs_alone] == [l.epoch_loss for l in logs_together]
+    assert logs_alone[0].steps == 2 * 4  # 50 samples at batch 16: 3 full + 1 partial per epoch
+
+
+def test_nan_loss_stops_training_with_the_epoch():
+    from harness.engine import TrainingDiverged, train
+    data, model = small_setup()
+    dd = DeviceData(data, (0.5,), (0.25,), 1, True, torch.device("cpu"))
+    bad = spec_for(loss=lambda logits, feats, y, epoch: logits.sum() * float("nan"))
+    with pytest.raises(TrainingDiverged, match="epoch 0"):
+        train(model, dd, bad, seed=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_training_matches_eager(monkeypatch):
+    from harness.engine import train
+    data, _ = small_setup()
+    dev = torch.device("cuda")
+    dd = DeviceData(data, (0.5,), (0.25,), 1, True, dev)
+    results = {}
+    for mode in ("graph", "eager"):
+        if mode == "eager":
+            monkeypatch.setenv("HARNESS_NO_CUDA_GRAPHS", "1")
+        model = small_setup(0)[1].to(dev)
+        log = train(model, dd, spec_for(), seed=3)
+        results[mode] = (log, torch.cat([p.detach().flatten().float() for p in model.parameters()]))
+    assert results["graph"][0].graph == "cuda-graph" and results["eager"][0].graph == "eager"
+    g, e = results["graph"][1], results["eager"][1]
+    assert torch.linalg.norm(g - e) / torch.linalg.norm(e) < 2e-2  # bf16 autocast noise only
+    assert np.allclose(results["graph"][0].epoch_loss, results["eager"][0].epoch_loss, rtol=2e-2)

@@ -133,6 +133,7 @@ def test_wb_stage2_caps_every_row_after_every_step_and_leaves_bias_alone():
     assert seen and max(seen) <= cap.radius + 1e-6
     WB.finalize(model, ctx)
     assert ctx.extra["maxnorm_active_steps"] >= 1 and ctx.extra["maxnorm_steps"] == len(seen)
+    assert ctx.extra["maxnorm_active_steps"] <= ctx.extra["maxnorm_steps"]
 
 
 def test_maxnorm_leaves_short_rows_unchanged():

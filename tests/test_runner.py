@@ -30,20 +30,25 @@ def test_ce_run_is_stored_with_groups_and_per_class_rows(synth):
 
 def test_stage2_methods_reuse_the_ce_stage1_checkpoint(synth, monkeypatch):
     calls = []
-    real_train = runner_mod.train
+    real_fit_many, real_train = runner_mod.fit_many, runner_mod.train
+
+    def counting_fit_many(trainers, progress=None):
+        calls.extend(["stage1"] * len(trainers))
+        return real_fit_many(trainers, progress)
 
     def counting_train(model, data, spec, seed, progress=None):
-        calls.append(spec.frozen_backbone)
+        calls.append("stage2" if spec.frozen_backbone else "other")
         return real_train(model, data, spec, seed, progress)
 
+    monkeypatch.setattr(runner_mod, "fit_many", counting_fit_many)
     monkeypatch.setattr(runner_mod, "train", counting_train)
     [ce] = run("ce", synth)
-    assert calls == [False] and not ce.stage1_cached
+    assert calls == ["stage1"] and not ce.stage1_cached
     [crt] = run("crt", synth)
     [crt_again] = run("crt", synth)
     [lws] = run("lws", synth)
     [tau] = run("tau_norm", synth)
-    assert calls == [False, True, True, True]  # stage 1 trained once; stage 2 three times
+    assert calls == ["stage1", "stage2", "stage2", "stage2"]  # stage 1 trained once
     assert crt.stage1_cached and crt_again.stage1_cached and lws.stage1_cached and tau.stage1_cached
     assert crt.extra["stage1_checkpoint"] == ce.extra["stage1_checkpoint"]
     [wb] = run("wb", synth)  # different stage-1 recipe (weight decay): its own checkpoint
@@ -77,10 +82,14 @@ def test_fbl_runs(synth):
     assert res.extra["stage1_loss_id"] == "fbl(lambda=60.0)"
 
 
-def test_several_seeds_give_several_rows(synth):
-    results = run("ce", synth, seeds=[0, 1])
-    assert [r.config.seed for r in results] == [0, 1]
-    assert results[0].config.config_hash() != results[1].config.config_hash()
+def test_seeds_trained_together_equal_seeds_trained_alone(synth, tmp_path, monkeypatch):
+    together = run("ce", synth, seeds=[0, 1])
+    assert [r.config.seed for r in together] == [0, 1]
+    assert together[0].config.config_hash() != together[1].config.config_hash()
+    assert together[0].metrics != together[1].metrics
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "alone"))
+    alone = [run("ce", synth, seeds=[s])[0] for s in (0, 1)]
+    assert [r.metrics for r in alone] == [r.metrics for r in together]
 
 
 def test_same_seed_is_deterministic_on_cpu(synth, tmp_path, monkeypatch):
