@@ -42,5 +42,44 @@ def load_checkpoint(path: Path) -> dict | None:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, unpickling error, ...
-        warnings.warn(f"ignoring unreadable checkpoint {path}: {type(exc).__name__}: {exc}")
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        warnings.warn(f"ignoring unreadable checkpoint {path}: {type(exc).__name__}: {first_line}")
         return None
+
+
+# ---------------------------------------------------------------- per-epoch checkpoints of a training
+
+def epoch_checkpoint_path(root: Path, key: str) -> Path:
+    return root / "partial" / f"{key}.pt"
+
+
+def _previous(path: Path) -> Path:
+    return path.with_name(path.stem + ".prev.pt")
+
+
+def save_epoch_checkpoint(path: Path, state: dict) -> None:
+    """Write this epoch's state, keeping the last one as `.prev.pt`: a kill at any
+    moment leaves at least one whole checkpoint behind."""
+    if path.is_file():
+        os.replace(path, _previous(path))
+    save_atomic(path, state)
+
+
+def load_epoch_checkpoint(path: Path) -> dict | None:
+    """The newest readable epoch checkpoint at `path` (falling back to the previous
+    one with a warning), or None: start from scratch."""
+    for candidate in (path, _previous(path)):
+        state = load_checkpoint(candidate)
+        if state is None:
+            continue
+        if isinstance(state, dict) and {"epoch", "model", "optimizer"} <= state.keys():
+            return state
+        warnings.warn(f"ignoring checkpoint {candidate}: not an epoch checkpoint")
+    if path.is_file() or _previous(path).is_file():
+        warnings.warn(f"no usable checkpoint at {path}; training from scratch")
+    return None
+
+
+def drop_epoch_checkpoint(path: Path) -> None:
+    for candidate in (path, _previous(path)):
+        candidate.unlink(missing_ok=True)

@@ -58,6 +58,79 @@ def run(method, dataset, rho, seeds, preset, epochs, device, data_root, download
                                        "stage 1 cached"], tablefmt="github", disable_numparse=True))
 
 
+@cli.command()
+@click.argument("benchmarks", required=False)
+@click.option("--methods", multiple=True, help="Methods to run [every method of each benchmark]; repeatable.")
+@click.option("--datasets", multiple=True, help="Datasets [every benchmark in the file]; repeatable.")
+@click.option("--rho", "rhos", type=float, multiple=True, help="Ratios [each benchmark's]; repeatable.")
+@click.option("--seeds", type=int, multiple=True, help="Seeds [0]; repeat or list: --seeds 0 1 2.")
+@click.option("--preset", default="paper", show_default=True, help="Recipe budget: paper or quick.")
+@click.option("--epochs", type=int, help="Override stage-1 epochs (recorded as a custom preset).")
+@click.option("--jobs", type=int, default=1, show_default=True, help="Local worker processes (chains in parallel).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local processes, or one Ray task per chain (one GPU each where GPUs exist).")
+@click.option("--address", help="Ray cluster to join (e.g. ray://host:10001); default: a local Ray instance.")
+@click.option("--dry-run", is_flag=True, help="List what would run, run nothing.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--data-root", envvar="HARNESS_DATA_ROOT", help="Dataset directory.")
+@click.option("--download", is_flag=True, help="Let torchvision download missing datasets.")
+@click.option("--db", envvar="HARNESS_DB", help="SQLAlchemy URL of the results store [sqlite:///results.db].")
+@click.option("--cache-dir", envvar="HARNESS_CACHE", help="Stage-1 checkpoint cache [.harness_cache].")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.argument("more_seeds", nargs=-1, type=int)
+def sweep(benchmarks, methods, datasets, rhos, seeds, preset, epochs, jobs, executor, address, dry_run, device,
+          data_root, download, db, cache_dir, no_progress, more_seeds) -> None:
+    """Run the grid of BENCHMARKS (benchmarks.yaml), skipping runs already completed."""
+    import os
+
+    from harness.runner import RunRequest
+    from harness.sweep import execute_sweep, plan
+
+    if jobs < 1:
+        raise HarnessError("--jobs must be >= 1")
+    seed_list = list(seeds) + list(more_seeds) or [0]
+    base = RunRequest(method="", dataset="", rho=1.0, preset=preset, epochs=epochs, device=device,
+                      data_root=data_root, download=download, db=db, cache_dir=cache_dir,
+                      benchmarks=benchmarks or os.environ.get("HARNESS_BENCHMARKS"),
+                      progress=not no_progress and jobs == 1 and executor == "local")
+    planned = plan(base, list(methods), list(datasets), list(rhos), seed_list)
+    rows = [[p.request.method, p.request.dataset, f"{p.request.rho:g}", " ".join(map(str, p.request.seeds)) or "—",
+             " ".join(map(str, p.skipped_seeds)) or "—"] for p in planned]
+    click.echo(tabulate(rows, headers=["method", "dataset", "rho", "to run", "done already"], tablefmt="github",
+                        disable_numparse=True))
+    todo = sum(len(p.request.seeds) for p in planned)
+    click.echo(f"{todo} runs to do, {sum(len(p.skipped_seeds) for p in planned)} already in the store")
+    if dry_run or not todo:
+        return
+    completed, failed = execute_sweep(planned, jobs, report=click.echo, executor=executor, address=address)
+    click.echo(f"sweep done: {completed} runs completed, {failed} jobs failed")
+    if failed:
+        sys.exit(1)
+
+
+@cli.group()
+def db() -> None:
+    """Results-store maintenance."""
+
+
+@db.command()
+@click.option("--db", "url", envvar="HARNESS_DB", help="SQLAlchemy URL of the results store [sqlite:///results.db].")
+def upgrade(url) -> None:
+    """Upgrade the store's schema to this harness's (Alembic); keeps every row."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from harness.migrate import upgrade as upgrade_store
+    from harness.store import db_url
+
+    url = db_url(url)
+    try:
+        before, after = upgrade_store(url)
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        raise HarnessError(f"cannot upgrade results store {url}: {reason}") from exc
+    click.echo(f"{url}: schema {before or 'empty'} -> {after}" if before != after else f"{url}: already at {after}")
+
+
 @cli.command(name="list")
 @click.argument("what", type=click.Choice(["methods", "datasets", "runs"]))
 @click.option("--db", envvar="HARNESS_DB", help="SQLAlchemy URL of the results store.")

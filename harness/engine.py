@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness import HarnessError
+from harness.checkpoints import load_epoch_checkpoint, save_epoch_checkpoint
 from harness.data import LTData
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -30,7 +31,9 @@ def cross_entropy(logits: torch.Tensor, feats: torch.Tensor, target: torch.Tenso
 
 
 class TrainingDiverged(HarnessError):
-    pass
+    def __init__(self, message: str, epoch: int):
+        super().__init__(message)
+        self.epoch = epoch
 
 
 def resolve_device(name: str) -> torch.device:
@@ -193,6 +196,7 @@ class TrainLog:
     epoch_loss: list[float] = field(default_factory=list)
     steps: int = 0
     graph: str = "eager"                 # "cuda-graph" or "eager (<reason>)"
+    resumed_from: int | None = None      # the epoch an interrupted training resumed at
 
 
 def autocast_for(device: torch.device):
@@ -279,6 +283,8 @@ class Trainer:
         self.ep_ox = torch.zeros((steps, b), dtype=torch.long, device=self.device)
         self.ep_flip = torch.zeros((steps, b), dtype=torch.bool, device=self.device)
         saved = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        saved_momentum = {id(p): st["momentum_buffer"].clone() for p, st in self.opt.state.items()
+                          if st.get("momentum_buffer") is not None}
         hook_state = getattr(self.spec.after_step, "state_tensors", lambda: [])()
         hook_saved = [t.clone() for t in hook_state]
         side = torch.cuda.Stream(self.device)
@@ -291,9 +297,12 @@ class Trainer:
         with torch.no_grad():
             for k, v in self.model.state_dict().items():
                 v.copy_(saved[k])
-            for state in self.opt.state.values():
-                # a zero momentum buffer gives exactly SGD's first step (buf = grad)
-                if state.get("momentum_buffer") is not None:
+            for p, state in self.opt.state.items():
+                if state.get("momentum_buffer") is None:
+                    continue
+                if id(p) in saved_momentum:  # a resumed run's momentum
+                    state["momentum_buffer"].copy_(saved_momentum[id(p)])
+                else:  # a zero momentum buffer gives exactly SGD's first step (buf = grad)
                     state["momentum_buffer"].zero_()
             for t, s in zip(hook_state, hook_saved):
                 t.copy_(s)
@@ -361,10 +370,38 @@ class Trainer:
     def end_epoch(self) -> float:
         loss = float(self.loss_sum) / self.n  # the one host read per epoch
         if not math.isfinite(loss):
-            raise TrainingDiverged(f"loss became {loss} in epoch {self.epoch}")
+            raise TrainingDiverged(f"loss became {loss} in epoch {self.epoch}", self.epoch)
         self.log.epoch_loss.append(loss)
         self.epoch += 1
         return loss
+
+    # -- resumable state ----------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything the next epoch depends on, at an epoch boundary: weights, BatchNorm
+        statistics, momentum, both random streams and the hook's counters. Plain tensors
+        and lists only, so it loads with torch.load(weights_only=True)."""
+        kind, keys, pos, has_gauss, gauss = self.rng.get_state()
+        hook_state = getattr(self.spec.after_step, "state_tensors", lambda: [])()
+        return {"epoch": self.epoch, "epoch_loss": list(self.log.epoch_loss), "steps": self.log.steps,
+                "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "generator": self.gen.get_state(),
+                "numpy_rng": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+                "hook": [t.detach().clone() for t in hook_state]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        if self.lr_t is not None:  # the captured graph reads the lr from this very tensor
+            for group in self.opt.param_groups:
+                group["lr"] = self.lr_t
+        self.gen.set_state(state["generator"])
+        keys, pos, has_gauss, gauss = state["numpy_rng"]
+        self.rng.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        for t, saved in zip(getattr(self.spec.after_step, "state_tensors", lambda: [])(), state["hook"]):
+            t.copy_(saved)
+        self.epoch = int(state["epoch"])
+        self.log.epoch_loss = list(state["epoch_loss"])
+        self.log.steps = int(state["steps"])
 
     def mode(self) -> None:
         self.model.train()
@@ -375,32 +412,45 @@ class Trainer:
         return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
 
 
-def fit_many(trainers: list[Trainer], progress=None) -> list[TrainLog]:
+def fit_many(trainers: list[Trainer], progress=None, checkpoints: list | None = None) -> list[TrainLog]:
     """Train several models together, interleaved step by step; on CUDA each trainer
     issues its work on its own stream, so independent runs overlap on one GPU.
-    Every trainer's math is exactly what it would be alone."""
+    Every trainer's math is exactly what it would be alone.
+
+    `checkpoints`, one path (or None) per trainer: each trainer first resumes from
+    the last good epoch checkpoint there, and writes one after every epoch."""
     if not trainers:
         return []
     epochs = trainers[0].spec.epochs
     if any(t.spec.epochs != epochs for t in trainers):
         raise HarnessError("trainers trained together must have the same number of epochs")
-    for t in trainers:
+    paths = checkpoints or [None] * len(trainers)
+    for t, path in zip(trainers, paths):
+        if path is not None:
+            state = load_epoch_checkpoint(path)
+            if state is not None:
+                t.load_state_dict(state)
+                t.log.resumed_from = t.epoch
         t.mode()
         if t.stream is not None:
             t.stream.wait_stream(torch.cuda.current_stream(t.device))
-    for epoch in range(epochs):
-        for t in trainers:
+    # trainers resumed at different epochs: the ones behind catch up first
+    for epoch in range(min(t.epoch for t in trainers), epochs):
+        active = [(t, p) for t, p in zip(trainers, paths) if t.epoch == epoch]
+        for t, _ in active:
             with t.on_stream():
                 t.begin_epoch()
-        for i in range(max(t.steps_in_epoch() for t in trainers)):
-            for t in trainers:
+        for i in range(max(t.steps_in_epoch() for t, _ in active)):
+            for t, _ in active:
                 if i < t.steps_in_epoch():
                     with t.on_stream():
                         t.step()
         losses = []
-        for t in trainers:
+        for t, path in active:
             with t.on_stream():
                 losses.append(t.end_epoch())
+                if path is not None:
+                    save_epoch_checkpoint(path, t.state_dict())
         if progress is not None:
             progress(epoch, epochs, float(np.mean(losses)))
     for t in trainers:
@@ -409,9 +459,9 @@ def fit_many(trainers: list[Trainer], progress=None) -> list[TrainLog]:
     return [t.log for t in trainers]
 
 
-def train(model, data: DeviceData, spec: TrainSpec, seed: int, progress=None) -> TrainLog:
+def train(model, data: DeviceData, spec: TrainSpec, seed: int, progress=None, checkpoint=None) -> TrainLog:
     """Train `model` in place by `spec`. `progress(epoch, epochs, loss)` is called once per epoch."""
-    return fit_many([Trainer(model, data, spec, seed)], progress)[0]
+    return fit_many([Trainer(model, data, spec, seed)], progress, [checkpoint])[0]
 
 
 @torch.no_grad()

@@ -250,10 +250,13 @@ def make_plots(store: Store, runs: pd.DataFrame) -> dict[str, str]:
     ax.set_xscale("log")
     ax.set_xlabel("training images of the class (log)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Per-class accuracy against training count")
-    ax.axvline(100.5, color="#bbb", lw=0.8, ls="--")
-    ax.axvline(19.5, color="#bbb", lw=0.8, ls="--")
-    ax.legend(fontsize=7, ncol=3)
+    ax.set_title("Per-class accuracy against training count", pad=14)
+    for edge in (19.5, 100.5):  # shot-group boundaries: few < 20 <= medium <= 100 < many
+        ax.axvline(edge, color="#bbb", lw=0.8, ls="--")
+    for x, name in ((19.5, "few ←"), (100.5, "→ many")):
+        ax.text(x, 1.0, name, transform=ax.get_xaxis_transform(), fontsize=7, color="#888", va="bottom",
+                ha="right" if name.startswith("few") else "left")
+    legend_below(ax)
     plots["Per-class accuracy"] = to_data_uri(fig)
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
     for method, g in per_class.groupby("method"):
@@ -262,22 +265,33 @@ def make_plots(store: Store, runs: pd.DataFrame) -> dict[str, str]:
     ax.set_xlabel("class index (head → tail)")
     ax.set_ylabel("‖w_c‖ of the final classifier")
     ax.set_title("Classifier weight norm per class")
-    ax.legend(fontsize=7, ncol=3)
+    legend_below(ax)
     plots["Classifier weight norms"] = to_data_uri(fig)
     sweep = load_curves(store, ids, "tau_sweep")
     if not sweep.empty:
         fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
         mean = sweep.groupby(["split", "group", "x"])["value"].mean().reset_index()
+        colours = {"all": "#222", "many": "#1f77b4", "medium": "#ff7f0e", "few": "#d62728"}
         for (split, group), g in mean.groupby(["split", "group"]):
-            ax.plot(g["x"], g["value"], lw=1.2 if group != "all" else 2.0,
+            ax.plot(g["x"], g["value"], lw=2.0 if group == "all" else 1.2, color=colours.get(group),
                     ls="-" if split == "test" else "--", label=f"{split} {group}")
+        val_all = mean[(mean["split"] == "val") & (mean["group"] == "all")]
+        if not val_all.empty:
+            best = float(val_all.loc[val_all["value"].idxmax(), "x"])
+            ax.axvline(best, color="#888", lw=0.8, ls=":")
+            ax.text(best, 1.0, f" τ = {best:g} (val)", transform=ax.get_xaxis_transform(), fontsize=7,
+                    color="#555", va="bottom")
         ax.set_xlabel("τ")
         ax.set_ylabel("accuracy (%)")
-        ax.set_title("τ-norm sweep (τ chosen on val)")
-        ax.legend(fontsize=7, ncol=4)
+        ax.set_title("τ-norm sweep: solid test, dashed val", pad=14)
+        legend_below(ax, ncol=4)
         plots["τ sweep"] = to_data_uri(fig)
     plt.close("all")
     return plots
+
+
+def legend_below(ax, ncol: int = 6) -> None:
+    ax.legend(fontsize=7, ncol=ncol, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
 
 
 def to_data_uri(fig) -> str:

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from harness import HarnessError
-from harness.checkpoints import cache_root, load_checkpoint, save_atomic, stage1_key, stage1_path
+from harness.checkpoints import (cache_root, drop_epoch_checkpoint, epoch_checkpoint_path, load_checkpoint,
+                                 save_atomic, stage1_key, stage1_path)
 from harness.config import RunConfig, load_benchmarks, resolve
 from harness.data import LTData, group_accuracies, per_class_accuracy, shot_group
 from harness.engine import (DeviceData, Trainer, TrainSpec, device_name, fit_many, predict, resolve_device,
@@ -95,11 +96,11 @@ def execute(req: RunRequest) -> list[RunResult]:
     try:
         stage1(jobs, data, ddata, checksum, req)
         for job in jobs:
-            results.append(finish(job, data, ddata, store, req.progress))
+            results.append(finish(job, data, ddata, store, req))
     except BaseException as exc:  # KeyboardInterrupt too: the rows must say the runs did not finish
         error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
         for job in jobs[len(results):]:
-            store.fail_run(job.run_id, error, time.perf_counter() - start)
+            store.fail_run(job.run_id, error, time.perf_counter() - start, getattr(exc, "epoch", None))
         raise
     return results
 
@@ -112,11 +113,14 @@ class Job:
     model: torch.nn.Module | None = None
     ctx: RunContext | None = None
     cached: bool = False
+    stage2_key: str = ""      # names stage 2's epoch checkpoints: stage-1 identity + full config
 
 
 def stage1(jobs: list[Job], data: LTData, ddata: DeviceData, checksum: str, req: RunRequest) -> None:
-    """Load each job's stage-1 checkpoint or train it; uncached jobs train together."""
-    to_train: list[tuple[Job, Trainer, Path]] = []
+    """Load each job's stage-1 checkpoint or train it; uncached jobs train together,
+    checkpointing every epoch and resuming an interrupted training where it stopped."""
+    root = cache_root(req.cache_dir)
+    to_train: list[tuple[Job, Trainer, str]] = []
     for job in jobs:
         cfg = job.cfg
         torch.manual_seed(cfg.seed)
@@ -125,7 +129,9 @@ def stage1(jobs: list[Job], data: LTData, ddata: DeviceData, checksum: str, req:
         job.model = model.to(ddata.device, memory_format=torch.channels_last)
         job.ctx = RunContext(data=ddata, train_counts=data.train_counts, recipe=cfg.recipe, seed=cfg.seed)
         loss_id, loss = job.method.stage1_loss(job.ctx)
-        path = stage1_path(cache_root(req.cache_dir), stage1_key(cfg.to_dict(), loss_id, checksum))
+        key = stage1_key(cfg.to_dict(), loss_id, checksum)
+        path = stage1_path(root, key)
+        job.stage2_key = f"{key}-{cfg.config_hash()}-stage2"
         job.ctx.extra.update(stage1_checkpoint=path.name, stage1_loss_id=loss_id)
         cached = load_checkpoint(path)
         if cached is not None:
@@ -134,7 +140,7 @@ def stage1(jobs: list[Job], data: LTData, ddata: DeviceData, checksum: str, req:
             record_stage1(job, cached["epoch_loss"], cached["seconds"], cached.get("engine", "unknown"))
         else:
             spec = TrainSpec.from_recipe(cfg.recipe["stage1"], loss=loss)
-            to_train.append((job, Trainer(job.model, ddata, spec, cfg.seed), path))
+            to_train.append((job, Trainer(job.model, ddata, spec, cfg.seed), key))
     # one group per epoch budget: trainers interleave step by step within a group
     groups: dict[int, list] = {}
     for item in to_train:
@@ -142,15 +148,19 @@ def stage1(jobs: list[Job], data: LTData, ddata: DeviceData, checksum: str, req:
     for group in groups.values():
         seeds = ", ".join(str(j.cfg.seed) for j, _, _ in group)
         update, close = progress_printer(f"{group[0][0].cfg.method} stage 1 seed {seeds}", req.progress)
+        partials = [epoch_checkpoint_path(root, key) for _, _, key in group]
         t0 = time.perf_counter()
         try:
-            logs = fit_many([t for _, t, _ in group], update)
+            logs = fit_many([t for _, t, _ in group], update, partials)
         finally:
             close()
         seconds = (time.perf_counter() - t0) / len(group)
-        for (job, _, path), log in zip(group, logs):
-            save_atomic(path, {"model": job.model.state_dict(), "epoch_loss": log.epoch_loss, "seconds": seconds,
-                               "engine": log.graph})
+        for (job, _, key), log, partial in zip(group, logs, partials):
+            save_atomic(stage1_path(root, key), {"model": job.model.state_dict(), "epoch_loss": log.epoch_loss,
+                                                 "seconds": seconds, "engine": log.graph})
+            drop_epoch_checkpoint(partial)
+            if log.resumed_from is not None:
+                job.ctx.extra["stage1_resumed_from_epoch"] = log.resumed_from
             record_stage1(job, log.epoch_loss, seconds, log.graph)
 
 
@@ -169,24 +179,28 @@ def progress_printer(label: str, enabled: bool):
 
     def update(epoch: int, epochs: int, loss: float) -> None:
         bar.total = epochs
-        bar.set_postfix(loss=f"{loss:.4f}")
-        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        bar.update(epoch + 1 - bar.n)  # a resumed training starts part-way
 
     return update, bar.close
 
 
-def finish(job: Job, data: LTData, ddata: DeviceData, store: Store, progress: bool) -> RunResult:
+def finish(job: Job, data: LTData, ddata: DeviceData, store: Store, req: RunRequest) -> RunResult:
     """Stage 2, post-hoc step, evaluation and the one-transaction write of one job."""
     method, cfg, model, ctx = job.method, job.cfg, job.model, job.ctx
     start = time.perf_counter()
     spec2 = method.stage2(model, ctx)
     if spec2 is not None:
-        update, close = progress_printer(f"{cfg.method} stage 2 seed {cfg.seed}", progress)
+        update, close = progress_printer(f"{cfg.method} stage 2 seed {cfg.seed}", req.progress)
+        partial = epoch_checkpoint_path(cache_root(req.cache_dir), job.stage2_key)
         try:
-            log2 = train(model, ddata, spec2, cfg.seed + 1, update)
+            log2 = train(model, ddata, spec2, cfg.seed + 1, update, checkpoint=partial)
         finally:
             close()
+        drop_epoch_checkpoint(partial)
         ctx.extra["stage2_engine"] = log2.graph
+        if log2.resumed_from is not None:
+            ctx.extra["stage2_resumed_from_epoch"] = log2.resumed_from
         ctx.curves += [{"kind": "train_loss", "x": e, "split": "stage2", "group": "all", "value": v}
                        for e, v in enumerate(log2.epoch_loss)]
     method.finalize(model, ctx)
@@ -206,6 +220,8 @@ def finish(job: Job, data: LTData, ddata: DeviceData, store: Store, progress: bo
                   for c in range(data.num_classes)]
     # this run's own compute: its stage-1 share when it trained one, plus everything after
     own_seconds = time.perf_counter() - start + (0.0 if job.cached else ctx.extra["stage1_seconds"])
+    if "stage1_resumed_from_epoch" in ctx.extra or "stage2_resumed_from_epoch" in ctx.extra:
+        store.close_interrupted(cfg.config_hash(), job.run_id)
     store.complete_run(job.run_id, metrics=metrics, class_metrics=class_rows, curves=ctx.curves, extra=ctx.extra,
                        wall_seconds=own_seconds, stage1_cached=job.cached)
     summary: dict = {}

@@ -16,6 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload
 
 from harness import HarnessError
+from harness.migrate import ensure_schema
 
 DEFAULT_URL = "sqlite:///results.db"
 
@@ -47,6 +48,7 @@ class Run(Base):
     stage1_cached: Mapped[int] = mapped_column(Integer, default=0)
     extra: Mapped[dict] = mapped_column(JSON, default=dict)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    failed_epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)  # where a NaN/inf loss stopped it
     metrics: Mapped[list["Metric"]] = relationship(back_populates="run", cascade="all, delete-orphan")
     class_metrics: Mapped[list["ClassMetric"]] = relationship(back_populates="run", cascade="all, delete-orphan")
     curves: Mapped[list["CurvePoint"]] = relationship(back_populates="run", cascade="all, delete-orphan")
@@ -110,7 +112,7 @@ class Store:
             self.engine = create_engine(self.url, **kwargs)
             if self.url.startswith("sqlite"):
                 event.listen(self.engine, "connect", _sqlite_pragmas)
-            Base.metadata.create_all(self.engine)
+            ensure_schema(self.engine, self.url, Base.metadata)
         except (SQLAlchemyError, ImportError, ValueError) as exc:
             reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
             raise HarnessError(f"cannot open results store {self.url}: {reason}; "
@@ -137,13 +139,25 @@ class Store:
             run.status = "completed"
             run.finished_at = now()
 
-    def fail_run(self, run_id: str, error: str, wall_seconds: float) -> None:
+    def fail_run(self, run_id: str, error: str, wall_seconds: float, failed_epoch: int | None = None) -> None:
         with self.session() as s, s.begin():
             run = s.get(Run, run_id)
             run.status = "failed"
             run.error = error
+            run.failed_epoch = failed_epoch
             run.finished_at = now()
             run.wall_seconds = wall_seconds
+
+    def close_interrupted(self, config_hash: str, resumed_by: str) -> int:
+        """Mark the `running` rows of a run that died and was resumed by `resumed_by` as failed."""
+        with self.session() as s, s.begin():
+            rows = s.scalars(select(Run).where(Run.config_hash == config_hash, Run.status == "running",
+                                               Run.id != resumed_by)).all()
+            for run in rows:
+                run.status = "failed"
+                run.error = f"interrupted; its training was resumed by run {resumed_by}"
+                run.finished_at = now()
+            return len(rows)
 
     def get_run(self, run_id: str) -> Run:
         with self.session() as s:

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -20,3 +22,30 @@ def synth(tmp_path, monkeypatch):
     DATASETS.register("synth-lt", SYNTH_LT)
     yield url
     DATASETS.unregister("synth-lt")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    """An empty results store on each backend. PostgreSQL needs a server: .ci/run starts
+    one and sets HARNESS_TEST_PG_URL (postgresql+psycopg://user@host:port/db); each test
+    gets a database of its own, dropped afterwards."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+        return
+    import uuid
+
+    from sqlalchemy import create_engine, make_url, text
+
+    base = os.environ.get("HARNESS_TEST_PG_URL")
+    if not base:
+        pytest.skip("PostgreSQL store tests need HARNESS_TEST_PG_URL (.ci/run starts a server and sets it)")
+    name = f"harness_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as con:
+        con.execute(text(f"CREATE DATABASE {name}"))
+    try:
+        yield make_url(base).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as con:
+            con.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()

@@ -62,13 +62,9 @@ def test_missing_cifar_data_names_the_fixes(tmp_path, env):
     assert len(out.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("url", ["sqlite:////no/such/dir/results.db", "postgresql://nobody@127.0.0.1:1/none"])
+@pytest.mark.parametrize("url", ["sqlite:////no/such/dir/results.db", "postgresql+psycopg://nobody@127.0.0.1:1/none"])
 def test_unreachable_db_is_a_clear_error(tmp_path, env, url):
-    bench = tmp_path / "b.yaml"
-    bench.write_text(BENCHMARKS_YAML)
-    plugin = tmp_path / "site"
-    write_synth_plugin(plugin)
-    env = {**env, "PYTHONPATH": os.pathsep.join([str(plugin), REPO]), "HARNESS_BENCHMARKS": str(bench)}
+    env, _ = plugin_env(tmp_path, env)
     out = harness("run", "--method", "ce", "--dataset", "synth-lt", "--rho", "100", "--db", url, env=env, cwd=tmp_path)
     assert out.returncode == 2
     line = out.stderr.strip().splitlines()
@@ -103,6 +99,18 @@ def write_synth_plugin(site, method_body=None, broken=False):
     (dist / "entry_points.txt").write_text(eps)
 
 
+def plugin_env(tmp_path, base_env=None, **plugin) -> tuple[dict, str]:
+    """The synthetic plugin package on PYTHONPATH and the synthetic benchmarks.yaml:
+    (environment for a `harness` subprocess, path of that benchmarks.yaml)."""
+    site = tmp_path / "site"
+    write_synth_plugin(site, **plugin)
+    bench = tmp_path / "b.yaml"
+    bench.write_text(BENCHMARKS_YAML)
+    env = {**(base_env or os.environ), "PYTHONPATH": os.pathsep.join([str(site), REPO]),
+           "HARNESS_BENCHMARKS": str(bench)}
+    return env, str(bench)
+
+
 PLUGIN_METHOD = """
     import torch.nn.functional as F
     from harness.method import Method
@@ -120,11 +128,7 @@ PLUGIN_METHOD = """
 
 
 def test_third_party_plugin_is_listed_and_runs(tmp_path, env):
-    site = tmp_path / "site"
-    write_synth_plugin(site, PLUGIN_METHOD, broken=True)
-    bench = tmp_path / "b.yaml"
-    bench.write_text(BENCHMARKS_YAML)
-    env = {**env, "PYTHONPATH": os.pathsep.join([str(site), REPO]), "HARNESS_BENCHMARKS": str(bench)}
+    env, _ = plugin_env(tmp_path, env, method_body=PLUGIN_METHOD, broken=True)
     listed = harness("list", "methods", env=env)
     assert listed.returncode == 0 and "plug" in listed.stdout and "Label smoothing (plugin)" not in listed.stderr
     assert "broken" not in listed.stdout or "failed to load" in listed.stdout
@@ -142,11 +146,7 @@ def test_third_party_plugin_is_listed_and_runs(tmp_path, env):
 
 
 def test_run_list_show_roundtrip(tmp_path, env):
-    site = tmp_path / "site"
-    write_synth_plugin(site)
-    bench = tmp_path / "b.yaml"
-    bench.write_text(BENCHMARKS_YAML)
-    env = {**env, "PYTHONPATH": os.pathsep.join([str(site), REPO]), "HARNESS_BENCHMARKS": str(bench)}
+    env, _ = plugin_env(tmp_path, env)
     out = harness("run", "--method", "ce", "--dataset", "synth-lt", "--rho", "100", "--preset", "quick",
                   "--device", "cpu", "--no-progress", env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr

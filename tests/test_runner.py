@@ -32,13 +32,13 @@ def test_stage2_methods_reuse_the_ce_stage1_checkpoint(synth, monkeypatch):
     calls = []
     real_fit_many, real_train = runner_mod.fit_many, runner_mod.train
 
-    def counting_fit_many(trainers, progress=None):
+    def counting_fit_many(trainers, progress=None, checkpoints=None):
         calls.extend(["stage1"] * len(trainers))
-        return real_fit_many(trainers, progress)
+        return real_fit_many(trainers, progress, checkpoints)
 
-    def counting_train(model, data, spec, seed, progress=None):
+    def counting_train(model, data, spec, seed, progress=None, checkpoint=None):
         calls.append("stage2" if spec.frozen_backbone else "other")
-        return real_train(model, data, spec, seed, progress)
+        return real_train(model, data, spec, seed, progress, checkpoint)
 
     monkeypatch.setattr(runner_mod, "fit_many", counting_fit_many)
     monkeypatch.setattr(runner_mod, "train", counting_train)
@@ -116,16 +116,28 @@ def test_a_crash_leaves_a_failed_row_and_no_metrics(synth, monkeypatch):
         assert s.scalar(select(func.count()).select_from(ClassMetric).where(ClassMetric.run_id == row.id)) == 0
 
 
-def test_completion_is_one_transaction(synth):
-    store = Store(synth)
-    from harness.store import now
-    store.start_run(Run(id="r1", method="ce", dataset="synth-lt", rho=100, backbone="b", seed=0, generator="ldam",
-                        preset="quick", config={}, config_hash="h", status="running", started_at=now(),
-                        device="cpu", git_commit="x", versions={}, data_checksum="c", extra={}))
-    good = {"split": "test", "group": "all", "top1": 50.0, "error": 50.0, "n_classes": 6}
-    bad_class_row = {"class_index": 0, "class_name": "a", "train_count": 1, "accuracy": None, "weight_norm": 1.0}
-    with pytest.raises(Exception):  # NOT NULL accuracy fails after the metrics were added
-        store.complete_run("r1", metrics=[good], class_metrics=[bad_class_row], curves=[], extra={},
-                           wall_seconds=1.0, stage1_cached=False)
-    row = store.get_run("r1")
-    assert row.status == "running" and row.metrics == []
+def test_nan_loss_fails_the_run_with_its_epoch_and_no_metrics(synth):
+    import torch
+    import torch.nn.functional as F
+
+    from harness import HarnessError
+    from harness.method import Method
+    from harness.registry import METHODS
+
+    class Diverges(Method):
+        name = "diverges"
+
+        def stage1_loss(self, ctx):
+            def loss(logits, feats, y, epoch):  # fine in epoch 0, NaN from epoch 1 on
+                return F.cross_entropy(logits, y) * torch.where(epoch >= 1, float("nan"), 1.0)
+            return "diverges", loss
+
+    METHODS.register("diverges", Diverges())
+    try:
+        with pytest.raises(HarnessError, match="loss became nan in epoch 1"):
+            run("diverges", synth, epochs=3)
+    finally:
+        METHODS.unregister("diverges")
+    [row] = Store(synth).list_runs()
+    assert row.status == "failed" and row.failed_epoch == 1 and "epoch 1" in row.error
+    assert Store(synth).get_run(row.id).metrics == []

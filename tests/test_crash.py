@@ -1,0 +1,124 @@
+"""Crash safety: epoch checkpoints, resume to the same numbers, corrupt checkpoints, kill -9."""
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from harness.checkpoints import load_epoch_checkpoint
+from harness.engine import DeviceData, Trainer, fit_many
+from harness.store import Store
+from tests.test_cli import plugin_env
+from tests.test_engine import small_setup, spec_for
+
+
+class Interrupt(Exception):
+    pass
+
+
+def stop_after(epoch_to_stop):
+    def progress(epoch, epochs, loss):
+        if epoch == epoch_to_stop:
+            raise Interrupt
+    return progress
+
+
+def hook_spec(**kw):
+    """A spec with a stateful after-step hook, as WB's MaxNorm has."""
+    counter = torch.zeros((), dtype=torch.long)
+
+    def count():
+        counter.add_(1)
+    count.state_tensors = lambda: [counter]
+    return spec_for(epochs=5, after_step=count, **kw), counter
+
+
+def train_states(ckpt=None, stop=None, sampler="instance"):
+    data, model = small_setup(0)
+    dd = DeviceData(data, (0.5,), (0.25,), 1, True, torch.device("cpu"))
+    spec, counter = hook_spec(sampler=sampler)
+    trainer = Trainer(model, dd, spec, seed=3)
+    try:
+        [log] = fit_many([trainer], stop_after(stop) if stop is not None else None, [ckpt])
+    except Interrupt:
+        return None
+    return model.state_dict(), log, int(counter)
+
+
+def assert_same(a, b):
+    (sa, la, ca), (sb, lb, cb) = a, b
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert la.epoch_loss == lb.epoch_loss and la.steps == lb.steps and ca == cb
+
+
+@pytest.mark.parametrize("sampler", ["instance", "class_aware"])
+def test_interrupted_training_resumes_to_identical_weights(tmp_path, sampler):
+    reference = train_states(sampler=sampler)
+    ckpt = tmp_path / "run.pt"
+    assert train_states(ckpt, stop=2, sampler=sampler) is None  # dies after epoch 2's checkpoint
+    assert load_epoch_checkpoint(ckpt)["epoch"] == 3
+    resumed = train_states(ckpt, sampler=sampler)
+    assert resumed[1].resumed_from == 3
+    assert_same(reference, resumed)
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_then_to_scratch(tmp_path):
+    reference = train_states()
+    ckpt = tmp_path / "run.pt"
+    train_states(ckpt, stop=2)
+    ckpt.write_bytes(ckpt.read_bytes()[:100])  # truncated, as a torn copy would be
+    with pytest.warns(UserWarning, match="unreadable checkpoint"):
+        resumed = train_states(ckpt)
+    assert resumed[1].resumed_from == 2  # the previous epoch's checkpoint
+    assert_same(reference, resumed)
+
+    train_states(ckpt, stop=1)
+    for path in (ckpt, tmp_path / "run.prev.pt"):
+        path.write_bytes(b"not a checkpoint")
+    with pytest.warns(UserWarning, match="training from scratch"):
+        scratch = train_states(ckpt)
+    assert scratch[1].resumed_from is None
+    assert_same(reference, scratch)
+
+
+def test_kill_9_mid_run_then_rerun_gives_the_uninterrupted_numbers(tmp_path):
+    base_env, _ = plugin_env(tmp_path)
+    args = [sys.executable, "-m", "harness.cli", "run", "--method", "ce", "--dataset", "synth-lt", "--rho", "100",
+            "--epochs", "150", "--device", "cpu", "--no-progress"]
+
+    def env_for(name):
+        return {**base_env, "HARNESS_DB": f"sqlite:///{tmp_path / name}.db", "HARNESS_CACHE": str(tmp_path / name)}
+
+    # the run that dies: killed as soon as its first epoch checkpoint is on disk
+    victim = subprocess.Popen(args, env=env_for("crash"), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    partial = tmp_path / "crash" / "partial"
+    deadline = time.time() + 120
+    while time.time() < deadline and victim.poll() is None and not any(partial.glob("*.pt")):
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    crash_store = Store(f"sqlite:///{tmp_path / 'crash'}.db")
+    [dead] = crash_store.list_runs()
+    assert dead.status == "running" and not dead.metrics  # no half result
+
+    rerun = subprocess.run(args, env=env_for("crash"), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    clean = subprocess.run(args, env=env_for("clean"), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert clean.returncode == 0, clean.stderr
+
+    runs = {r.id: r for r in crash_store.list_runs()}
+    resumed = next(r for r in runs.values() if r.id != dead.id)
+    assert resumed.status == "completed" and 1 <= resumed.extra["stage1_resumed_from_epoch"] < 150
+    assert runs[dead.id].status == "failed" and resumed.id in runs[dead.id].error
+    [reference] = Store(f"sqlite:///{tmp_path / 'clean'}.db").list_runs()
+    full_resumed, full_reference = crash_store.get_run(resumed.id), Store(
+        f"sqlite:///{tmp_path / 'clean'}.db").get_run(reference.id)
+    metrics = lambda run: sorted((m.split, m.group, m.top1) for m in run.metrics)  # noqa: E731
+    assert metrics(full_resumed) == metrics(full_reference)
+    norms = lambda run: [c.weight_norm for c in sorted(run.class_metrics, key=lambda c: c.class_index)]  # noqa: E731
+    assert norms(full_resumed) == pytest.approx(norms(full_reference), abs=1e-6)
+    assert not any((tmp_path / "crash" / "partial").glob("*.pt"))  # cleaned up once stage 1 is done

@@ -1,0 +1,92 @@
+"""The results store on every backend (SQLite always; PostgreSQL where a server is given)."""
+import multiprocessing as mp
+
+import pytest
+from alembic import command
+from sqlalchemy import create_engine, text
+
+from bench.store_concurrency import writer
+from harness import HarnessError
+from harness.migrate import alembic_config, head_revision, upgrade
+from harness.runner import RunRequest, execute
+from harness.store import Run, Store, now
+
+
+def new_run(store, rid, config_hash="h", status="running"):
+    store.start_run(Run(id=rid, method="ce", dataset="synth-lt", rho=100, backbone="b", seed=0, generator="ldam",
+                        preset="quick", config={"nested": {"lr": 0.1}}, config_hash=config_hash, status=status,
+                        started_at=now(), device="cpu", git_commit="x", versions={}, data_checksum="c", extra={}))
+
+
+GOOD = {"split": "test", "group": "all", "top1": 50.0, "error": 50.0, "n_classes": 6}
+EMPTY_GROUP = {"split": "test", "group": "few", "top1": None, "error": None, "n_classes": 0}
+
+
+def test_complete_run_round_trips_numbers_nulls_and_json(store_url):
+    store = Store(store_url)
+    new_run(store, "r1")
+    store.complete_run("r1", metrics=[GOOD, EMPTY_GROUP],
+                       class_metrics=[{"class_index": 0, "class_name": "a", "train_count": 3, "accuracy": 12.5,
+                                       "weight_norm": 0.75}],
+                       curves=[{"kind": "tau_sweep", "x": 0.1, "split": "val", "group": "all", "value": 40.0}],
+                       extra={"tau": 1.2, "maxnorm_active_steps": 3}, wall_seconds=2.5, stage1_cached=True)
+    row = Store(store_url).get_run("r1")
+    assert row.status == "completed" and row.extra == {"tau": 1.2, "maxnorm_active_steps": 3}
+    assert row.config == {"nested": {"lr": 0.1}} and row.stage1_cached == 1
+    assert sorted((m.group, m.top1) for m in row.metrics) == [("all", 50.0), ("few", None)]
+    assert isinstance(row.class_metrics[0].accuracy, float) and row.curves[0].value == 40.0
+
+
+def test_completion_is_one_transaction(store_url):
+    store = Store(store_url)
+    new_run(store, "r1")
+    bad_class_row = {"class_index": 0, "class_name": "a", "train_count": 1, "accuracy": None, "weight_norm": 1.0}
+    with pytest.raises(Exception):  # NOT NULL accuracy fails after the metrics were added
+        store.complete_run("r1", metrics=[GOOD], class_metrics=[bad_class_row], curves=[], extra={},
+                           wall_seconds=1.0, stage1_cached=False)
+    row = store.get_run("r1")
+    assert row.status == "running" and row.metrics == []
+
+
+def test_failed_run_keeps_reason_and_epoch_and_interrupted_rows_are_closed(store_url):
+    store = Store(store_url)
+    new_run(store, "diverged")
+    store.fail_run("diverged", "TrainingDiverged: loss became nan in epoch 7", 3.0, failed_epoch=7)
+    new_run(store, "dead", config_hash="same")
+    new_run(store, "resumer", config_hash="same")
+    assert store.close_interrupted("same", resumed_by="resumer") == 1
+    rows = {r.id: r for r in store.list_runs()}
+    assert rows["diverged"].status == "failed" and rows["diverged"].failed_epoch == 7
+    assert rows["dead"].status == "failed" and "resumer" in rows["dead"].error
+    assert rows["resumer"].status == "running"
+
+
+def test_a_store_from_before_migrations_is_refused_then_upgraded(store_url):
+    engine = create_engine(store_url)
+    with engine.begin() as con:  # the baseline schema, with no version stamp: a pre-Alembic results.db
+        command.upgrade(alembic_config(con), "0001")
+        con.execute(text("DROP TABLE alembic_version"))
+        con.execute(text("INSERT INTO runs VALUES ('old', 'ce', 'd', 100, 'b', 0, 'ldam', 'paper', '{}', 'h', "
+                         "'completed', '2026-01-01 00:00:00', NULL, 1.0, 'cpu', 'x', '{}', 'c', 0, '{}', NULL)"))
+    engine.dispose()
+    with pytest.raises(HarnessError, match="harness db upgrade"):
+        Store(store_url)
+    assert upgrade(store_url) == ("0001", head_revision())
+    [row] = Store(store_url).list_runs()
+    assert row.id == "old" and row.status == "completed" and row.failed_epoch is None
+
+
+def test_parallel_writers_lose_nothing(store_url):
+    Store(store_url)
+    with mp.get_context("spawn").Pool(4) as pool:
+        errors = sum(pool.starmap(writer, [(store_url, w, 15) for w in range(4)]), [])
+    assert errors == []
+    runs = Store(store_url).list_runs()
+    assert len(runs) == 60 and all(r.status == "completed" and len(r.metrics) == 4 for r in runs)
+
+
+def test_a_real_run_is_stored(synth, store_url):
+    [res] = execute(RunRequest(method="ce", dataset="synth-lt", rho=100, preset="quick", device="cpu", db=store_url,
+                               progress=False))
+    row = Store(store_url).get_run(res.run_id)
+    assert row.status == "completed" and len(row.class_metrics) == 6

@@ -1,0 +1,70 @@
+"""`harness sweep`: grid expansion, skipping what is done, one stage 1 per chain, workers."""
+from harness.runner import RunRequest
+from harness.store import Store
+from harness.sweep import chains, execute_sweep, plan
+from tests.test_cli import harness, plugin_env
+
+
+def base(url):
+    return RunRequest(method="", dataset="", rho=1.0, preset="quick", device="cpu", db=url, progress=False)
+
+
+def test_sweep_runs_the_grid_once_and_skips_it_the_second_time(synth):
+    planned = plan(base(synth), ["ce", "crt", "fbl"], ["synth-lt"], None, [0, 1])
+    assert [(p.request.method, p.request.rho, p.request.seeds) for p in planned] == [
+        ("ce", 100.0, [0, 1]), ("crt", 100.0, [0, 1]), ("fbl", 100.0, [0, 1])]
+    # one stage-1 recipe here (the synthetic benchmark gives fbl ce's): one chain, in grid order
+    assert [[p.request.method for p in c] for c in chains(planned)] == [["ce", "crt", "fbl"]]
+    lines = []
+    assert execute_sweep(planned, jobs=1, report=lines.append) == (6, 0)
+    runs = Store(synth).list_runs()
+    assert len(runs) == 6 and all(r.status == "completed" for r in runs)
+    crt = [r for r in runs if r.method == "crt"]
+    assert all(r.stage1_cached for r in crt)  # reused CE's stage 1
+    assert lines[-1].startswith("[6/6]")
+    again = plan(base(synth), ["ce", "crt", "fbl"], ["synth-lt"], None, [0, 1, 2])
+    assert [(p.request.seeds, p.skipped_seeds) for p in again] == [([2], [0, 1])] * 3
+
+
+def test_sweep_cli_dry_run_then_parallel_workers(tmp_path):
+    env, bench = plugin_env(tmp_path)
+    env["HARNESS_CACHE"] = str(tmp_path / "c")
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    args = ["sweep", bench, "--datasets", "synth-lt", "--methods", "ce", "--methods", "lws", "--methods", "wb",
+            "--seeds", "0", "--preset", "quick", "--device", "cpu", "--db", url]
+    dry = harness(*args, "--dry-run", env=env, cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    assert "3 runs to do, 0 already in the store" in dry.stdout and Store(url).list_runs() == []
+    out = harness(*args, "--jobs", "2", env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "sweep done: 3 runs completed, 0 jobs failed" in out.stdout
+    runs = {r.method: r for r in Store(url).list_runs()}
+    assert set(runs) == {"ce", "lws", "wb"} and runs["lws"].stage1_cached and not runs["wb"].stage1_cached
+    again = harness(*args, env=env, cwd=tmp_path)
+    assert "0 runs to do, 3 already in the store" in again.stdout
+
+
+def test_sweep_bad_input_is_one_line_and_runs_nothing(tmp_path):
+    env, bench = plugin_env(tmp_path)
+    env["HARNESS_DB"] = f"sqlite:///{tmp_path / 'r.db'}"
+    for args, message in ((["--methods", "nope"], "unknown method 'nope'"),
+                          (["--datasets", "imagenet-xx"], "dataset 'imagenet-xx' has no entry"),
+                          (["--jobs", "0"], "--jobs must be >= 1")):
+        out = harness("sweep", bench, *args, env=env, cwd=tmp_path)
+        assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, \
+            out.stderr
+    assert Store(env["HARNESS_DB"]).list_runs() == []
+
+
+def test_sweep_on_a_local_ray_instance(tmp_path):
+    env, bench = plugin_env(tmp_path)
+    env["HARNESS_CACHE"] = str(tmp_path / "c")
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    out = harness("sweep", bench, "--datasets", "synth-lt", "--methods", "ce", "--methods", "crt",
+                  "--methods", "fbl", "--seeds", "0", "1", "--preset", "quick", "--device", "cpu", "--db", url,
+                  "--executor", "ray", env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "sweep done: 6 runs completed, 0 jobs failed" in out.stdout
+    runs = Store(url).list_runs()
+    assert len(runs) == 6 and all(r.status == "completed" for r in runs)
+    assert all(r.stage1_cached for r in runs if r.method == "crt")
