@@ -15,6 +15,15 @@ def fmt(value, digits: int = 2) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def parse_rho(text) -> float | str:
+    if str(text) == "natural":
+        return "natural"
+    try:
+        return float(text)
+    except ValueError:
+        raise HarnessError(f"--rho takes a number >= 1 or 'natural', got '{text}'") from None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """ltr-harness: train, evaluate and rank long-tailed recognition methods."""
@@ -23,7 +32,7 @@ def cli() -> None:
 @cli.command()
 @click.option("--method", required=True, help="Method name (`harness list methods`).")
 @click.option("--dataset", required=True, help="Dataset name (`harness list datasets`).")
-@click.option("--rho", type=float, required=True, help="Imbalance ratio n_max / n_min (>= 1).")
+@click.option("--rho", required=True, help="Imbalance ratio n_max / n_min (>= 1), or 'natural': the dataset's own counts.")
 @click.option("--seed", "seeds", type=int, multiple=True, help="Seed(s); repeat or list: --seed 0 1 2.")
 @click.option("--preset", default="paper", show_default=True, help="Recipe budget: paper or quick.")
 @click.option("--epochs", type=int, help="Override stage-1 epochs (schedule scales; recorded as a custom preset).")
@@ -44,7 +53,7 @@ def run(method, dataset, rho, seeds, preset, epochs, device, data_root, download
     from harness.runner import RunRequest, execute
 
     seed_list = list(seeds) + list(more_seeds) or [0]
-    req = RunRequest(method=method, dataset=dataset, rho=rho, seeds=seed_list, preset=preset, epochs=epochs,
+    req = RunRequest(method=method, dataset=dataset, rho=parse_rho(rho), seeds=seed_list, preset=preset, epochs=epochs,
                      device=device, data_root=data_root, download=download, db=db, generator=generator,
                      backbone=backbone, val_per_class=val_per_class, cache_dir=cache_dir,
                      benchmarks=benchmarks, progress=not no_progress)
@@ -62,7 +71,7 @@ def run(method, dataset, rho, seeds, preset, epochs, device, data_root, download
 @click.argument("benchmarks", required=False)
 @click.option("--methods", multiple=True, help="Methods to run [every method of each benchmark]; repeatable.")
 @click.option("--datasets", multiple=True, help="Datasets [every benchmark in the file]; repeatable.")
-@click.option("--rho", "rhos", type=float, multiple=True, help="Ratios [each benchmark's]; repeatable.")
+@click.option("--rho", "rhos", multiple=True, help="Ratios or 'natural' [each benchmark's]; repeatable.")
 @click.option("--seeds", type=int, multiple=True, help="Seeds [0]; repeat or list: --seeds 0 1 2.")
 @click.option("--preset", default="paper", show_default=True, help="Recipe budget: paper or quick.")
 @click.option("--epochs", type=int, help="Override stage-1 epochs (recorded as a custom preset).")
@@ -93,8 +102,8 @@ def sweep(benchmarks, methods, datasets, rhos, seeds, preset, epochs, jobs, exec
                       data_root=data_root, download=download, db=db, cache_dir=cache_dir,
                       benchmarks=benchmarks or os.environ.get("HARNESS_BENCHMARKS"),
                       progress=not no_progress and jobs == 1 and executor == "local")
-    planned = plan(base, list(methods), list(datasets), list(rhos), seed_list)
-    rows = [[p.request.method, p.request.dataset, f"{p.request.rho:g}", " ".join(map(str, p.request.seeds)) or "—",
+    planned = plan(base, list(methods), list(datasets), [parse_rho(r) for r in rhos], seed_list)
+    rows = [[p.request.method, p.request.dataset, str(p.request.rho).removesuffix(".0"), " ".join(map(str, p.request.seeds)) or "—",
              " ".join(map(str, p.skipped_seeds)) or "—"] for p in planned]
     click.echo(tabulate(rows, headers=["method", "dataset", "rho", "to run", "done already"], tablefmt="github",
                         disable_numparse=True))
@@ -155,7 +164,8 @@ def list_(what: str, db: str | None, names: bool) -> None:
         rows = []
         for name in DATASETS.names():
             d = DATASETS.get(name)
-            rows.append([name, d.title, d.num_classes, d.n_max, f"{d.channels}x{d.size}x{d.size}", d.backbone, d.source])
+            rows.append([name, d.title, d.num_classes or "any", d.n_max, f"{d.channels}x{d.size}x{d.size}", d.backbone,
+                         d.source])
         click.echo(tabulate(rows, headers=["dataset", "title", "classes", "n_max", "image", "backbone", "source"],
                             tablefmt="github", disable_numparse=True))
     else:

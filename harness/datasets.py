@@ -47,6 +47,13 @@ class DatasetSpec:
     loader: Callable[["DatasetSpec", Path | None, bool], RawSplits]
     source: str
 
+    natural_rho = None  # these datasets are cut to any rho from balanced sources
+
+    def device_data(self, data: LTData, device):
+        from harness.engine import DeviceData
+
+        return DeviceData(data, self.mean, self.std, self.crop_padding, self.flip, device)
+
     def build(self, rho: float, generator: str, val_per_class: int,
               data_root: Path | None, download: bool = False) -> LTData:
         counts = lt_counts(self.n_max, self.num_classes, rho)

@@ -105,6 +105,15 @@ class DeviceData:
     def train_batch(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return self.augment(idx, *self.draw_augment(idx.shape[0], gen))
 
+    def labels(self, split: str) -> torch.Tensor:
+        return {"val": self.val_y, "test": self.test_y}[split]
+
+    def eval_batches(self, split: str, batch: int = 1024):
+        """Normalised, un-augmented images of `split` ("val" or "test"), in order."""
+        x = {"val": self.val_x, "test": self.test_x}[split]
+        for start in range(0, x.shape[0], batch):
+            yield self.normalise(x[start:start + batch])
+
 
 # ---------------------------------------------------------------- samplers
 
@@ -232,7 +241,9 @@ class Trainer:
         self.model, self.data, self.spec = model, data, spec
         self.device = data.device
         self.params = list(spec.params) if spec.params is not None else list(model.parameters())
-        self.use_graph = graphs_wanted(spec, self.device)
+        # streamed data (files decoded by a DataLoader) arrive in fresh host batches: eager steps
+        self.streamed = getattr(data, "streamed", False)
+        self.use_graph = graphs_wanted(spec, self.device) and not self.streamed
         self.lr_t = torch.tensor(spec.lr, device=self.device) if self.use_graph else None
         self.opt = make_optimizer(self.params, spec, self.device, self.lr_t)
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
@@ -250,9 +261,10 @@ class Trainer:
 
     # -- one step, tensor ops only ------------------------------------------------
     def _step(self, idx, oy, ox, flip, zero_grad: bool = True) -> None:
+        self._update(self.data.augment(idx, oy, ox, flip), self.data.train_y[idx], zero_grad)
+
+    def _update(self, x, y, zero_grad: bool = True) -> None:
         spec, model = self.spec, self.model
-        x = self.data.augment(idx, oy, ox, flip)
-        y = self.data.train_y[idx]
         with autocast_for(self.device):
             if spec.frozen_backbone:
                 with torch.no_grad():
@@ -267,7 +279,7 @@ class Trainer:
         self.opt.step()
         if spec.after_step is not None:
             spec.after_step()
-        self.loss_sum += loss.detach() * idx.shape[0]
+        self.loss_sum += loss.detach() * y.shape[0]
 
     def _graph_step(self) -> None:
         i = self.step_t.view(1)  # a device-side index: no host sync inside the graph
@@ -320,6 +332,10 @@ class Trainer:
             order = torch.from_numpy(class_aware_order(self.labels_np, self.rng)).to(self.device)
         else:
             order = instance_order(self.data.n_train, self.gen, self.device)
+        if self.streamed:  # the loader's workers draw the augmentation, seeded from this generator
+            seed = int(torch.randint(0, 2**62, (1,), device=self.device, generator=self.gen))
+            self.batches = iter(self.data.train_batches(order.cpu(), self.spec.batch_size, seed))
+            return order, None, None, None
         return (order, *self.data.draw_augment(order.shape[0], self.gen))
 
     def begin_epoch(self) -> None:
@@ -359,7 +375,9 @@ class Trainer:
     def step(self) -> None:
         """The next step of the current epoch."""
         b, start = self.spec.batch_size, self.cursor
-        if self.graph is not None and start // b < self.full_steps:
+        if self.streamed:
+            self._update(*next(self.batches))
+        elif self.graph is not None and start // b < self.full_steps:
             self.graph.replay()
         else:
             sl = slice(start, start + b)
@@ -465,17 +483,18 @@ def train(model, data: DeviceData, spec: TrainSpec, seed: int, progress=None, ch
 
 
 @torch.no_grad()
-def extract_features(model, data: DeviceData, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+def extract_features(model, data: DeviceData, split: str) -> torch.Tensor:
+    """Features of every image of `split` ("val" or "test"), in order, in eval mode."""
     model.eval()
     out = []
     with autocast_for(data.device):
-        for start in range(0, x.shape[0], batch):
-            out.append(model.features(data.normalise(x[start:start + batch])).float())
+        for x in data.eval_batches(split):
+            out.append(model.features(x).float())
     return torch.cat(out) if out else torch.zeros(0, model.feat_dim, device=data.device)
 
 
 @torch.no_grad()
-def predict(model, data: DeviceData, x: torch.Tensor, head: nn.Module | None = None) -> torch.Tensor:
-    feats = extract_features(model, data, x)
+def predict(model, data: DeviceData, split: str, head: nn.Module | None = None) -> torch.Tensor:
+    feats = extract_features(model, data, split)
     head = head if head is not None else model.fc
     return head(feats).argmax(1)

@@ -117,10 +117,63 @@ def fmnist_cnn(num_classes: int, in_channels: int = 1) -> Classifier:
     return model
 
 
+# ---------------------------------------------------------------- large backbones from timm
+
+TIMM_BACKBONES = ("resnext50_32x4d", "resnet50", "resnet152")  # DESIGN.md §2; any other as "timm:<name>"
+PRETRAINED = "+pretrained"
+
+
+def timm_model(name: str, num_classes: int, in_channels: int) -> Classifier:
+    """A timm network as the body (its own classifier removed, pooled features out).
+    `<name>+pretrained` loads weights the user has locally: $HARNESS_WEIGHTS/<name>.pth
+    or .safetensors (default folder ./weights). Never a download at run time."""
+    import timm
+
+    arch, pretrained = name.removeprefix("timm:").removesuffix(PRETRAINED), name.endswith(PRETRAINED)
+    try:
+        body = timm.create_model(arch, pretrained=False, num_classes=0, in_chans=in_channels)
+    except RuntimeError as exc:  # timm: "Unknown model (...)"
+        raise HarnessError(f"unknown timm backbone '{arch}': {exc}") from exc
+    if pretrained:
+        load_local_weights(body, arch)
+    model = Classifier(body, body.num_features, num_classes)
+    return model
+
+
+def load_local_weights(body: nn.Module, arch: str) -> None:
+    import os
+    from pathlib import Path
+
+    weights_dir = Path(os.environ.get("HARNESS_WEIGHTS", "weights"))
+    for path in (weights_dir / f"{arch}.pth", weights_dir / f"{arch}.safetensors"):
+        if path.is_file():
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+                state = load_file(str(path))
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier.", "head."))}
+            missing, _ = body.load_state_dict(state, strict=False)
+            if missing:
+                raise HarnessError(f"{path} does not fit {arch}: missing {missing[:3]}...")
+            return
+    raise HarnessError(f"pretrained weights for {arch} are not on this machine: put {arch}.pth or "
+                       f"{arch}.safetensors in {weights_dir}/ (or set HARNESS_WEIGHTS); the harness never "
+                       "downloads weights at run time")
+
+
 BACKBONES = {"resnet32": resnet32, "resnet34-cifar": resnet34_cifar, "fmnist-cnn": fmnist_cnn}
 
 
+def known_backbone(name: str) -> bool:
+    base = name.removesuffix(PRETRAINED)
+    return base in BACKBONES and base == name or base in TIMM_BACKBONES or base.startswith("timm:")
+
+
 def build_model(name: str, num_classes: int, in_channels: int) -> Classifier:
-    if name not in BACKBONES:
-        raise HarnessError(f"unknown backbone '{name}'; known backbones: {', '.join(sorted(BACKBONES))}")
-    return BACKBONES[name](num_classes, in_channels)
+    if not known_backbone(name):
+        raise HarnessError(f"unknown backbone '{name}'; known backbones: {', '.join(sorted(BACKBONES))}, "
+                           f"{', '.join(TIMM_BACKBONES)} (+pretrained), timm:<any timm model>")
+    if name in BACKBONES:
+        return BACKBONES[name](num_classes, in_channels)
+    return timm_model(name, num_classes, in_channels)

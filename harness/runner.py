@@ -23,7 +23,7 @@ from harness.data import LTData, group_accuracies, per_class_accuracy, shot_grou
 from harness.engine import (DeviceData, Trainer, TrainSpec, device_name, fit_many, predict, resolve_device,
                             train)
 from harness.method import Method, RunContext
-from harness.models import BACKBONES, build_model, head_weight
+from harness.models import build_model, head_weight, known_backbone
 from harness.provenance import git_commit, package_versions
 from harness.registry import DATASETS, METHODS
 from harness.store import Run, Store, now
@@ -33,7 +33,7 @@ from harness.store import Run, Store, now
 class RunRequest:
     method: str
     dataset: str
-    rho: float
+    rho: float | str              # a ratio, or "natural": the dataset's own counts
     seeds: list[int] = field(default_factory=lambda: [0])
     preset: str = "paper"
     epochs: int | None = None
@@ -62,12 +62,17 @@ def prepare(req: RunRequest, seed: int) -> tuple[Method, object, RunConfig]:
     method = METHODS.get(req.method)
     spec = DATASETS.get(req.dataset)
     doc = load_benchmarks(req.benchmarks)
-    cfg = resolve(doc, method=req.method, dataset=req.dataset, rho=req.rho, seed=seed, preset=req.preset,
-                  epochs=req.epochs, generator=req.generator, backbone=req.backbone,
+    rho, generator = req.rho, req.generator
+    if rho == "natural":  # no subset is drawn: the run keeps the dataset's counts and records their ratio
+        if spec.natural_rho is None:
+            raise HarnessError(f"{req.dataset} is cut from a balanced source; pass a ratio, e.g. --rho 100")
+        rho, generator = spec.natural_rho(Path(req.data_root) if req.data_root else None), "natural"
+    cfg = resolve(doc, method=req.method, dataset=req.dataset, rho=float(rho), seed=seed, preset=req.preset,
+                  epochs=req.epochs, generator=generator, backbone=req.backbone,
                   val_per_class=req.val_per_class,
                   method_default_recipe=getattr(method, "default_recipe", None))
-    if cfg.backbone not in BACKBONES:
-        raise HarnessError(f"unknown backbone '{cfg.backbone}'; known backbones: {', '.join(sorted(BACKBONES))}")
+    if not known_backbone(cfg.backbone):
+        build_model(cfg.backbone, 1, 1)  # raises the error that lists the known backbones
     return method, spec, cfg
 
 
@@ -83,7 +88,7 @@ def execute(req: RunRequest) -> list[RunResult]:
     data = spec.build(cfg0.rho, cfg0.generator, cfg0.val_per_class, root, req.download)
     store = Store(req.db)  # opened only once the request is known to be good: bad input creates nothing
     checksum = data.checksum()
-    ddata = DeviceData(data, spec.mean, spec.std, spec.crop_padding, spec.flip, device)
+    ddata = spec.device_data(data, device)
     jobs = [Job(method, cfg, uuid.uuid4().hex[:12]) for method, _, cfg in prepared]
     for job in jobs:
         store.start_run(Run(
@@ -94,7 +99,7 @@ def execute(req: RunRequest) -> list[RunResult]:
             data_checksum=checksum, extra={}))
     results, start = [], time.perf_counter()
     try:
-        stage1(jobs, data, ddata, checksum, req)
+        stage1(jobs, spec, data, ddata, checksum, req)
         for job in jobs:
             results.append(finish(job, data, ddata, store, req))
     except BaseException as exc:  # KeyboardInterrupt too: the rows must say the runs did not finish
@@ -116,7 +121,7 @@ class Job:
     stage2_key: str = ""      # names stage 2's epoch checkpoints: stage-1 identity + full config
 
 
-def stage1(jobs: list[Job], data: LTData, ddata: DeviceData, checksum: str, req: RunRequest) -> None:
+def stage1(jobs: list[Job], spec, data: LTData, ddata: DeviceData, checksum: str, req: RunRequest) -> None:
     """Load each job's stage-1 checkpoint or train it; uncached jobs train together,
     checkpointing every epoch and resuming an interrupted training where it stopped."""
     root = cache_root(req.cache_dir)
@@ -125,7 +130,7 @@ def stage1(jobs: list[Job], data: LTData, ddata: DeviceData, checksum: str, req:
         cfg = job.cfg
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
-        model = build_model(cfg.backbone, data.num_classes, data.train_x.shape[1])
+        model = build_model(cfg.backbone, data.num_classes, spec.channels)
         job.model = model.to(ddata.device, memory_format=torch.channels_last)
         job.ctx = RunContext(data=ddata, train_counts=data.train_counts, recipe=cfg.recipe, seed=cfg.seed)
         loss_id, loss = job.method.stage1_loss(job.ctx)
@@ -205,10 +210,11 @@ def finish(job: Job, data: LTData, ddata: DeviceData, store: Store, req: RunRequ
                        for e, v in enumerate(log2.epoch_loss)]
     method.finalize(model, ctx)
     metrics, test_acc = [], None
-    for split, x, y in (("test", ddata.test_x, ddata.test_y), ("val", ddata.val_x, ddata.val_y)):
+    for split in ("test", "val"):
+        y = ddata.labels(split)
         if y.numel() == 0:
             continue
-        acc = per_class_accuracy(predict(model, ddata, x), y, data.num_classes) * 100.0
+        acc = per_class_accuracy(predict(model, ddata, split), y, data.num_classes) * 100.0
         test_acc = acc if split == "test" else test_acc
         for group, top1 in group_accuracies(acc, data.train_counts).items():
             n = sum(1 for c in data.train_counts if group == "all" or shot_group(c) == group)

@@ -49,14 +49,15 @@ def plan(base: RunRequest, methods=None, datasets=None, rhos=None, seeds=(0,)) -
             for method in methods or list(bench.get("methods", {})):
                 todo, skipped, stage1 = [], [], None
                 for seed in seeds:
-                    req = replace(base, method=method, dataset=dataset, rho=float(rho), seeds=[seed])
+                    rho = rho if rho == "natural" else float(rho)
+                    req = replace(base, method=method, dataset=dataset, rho=rho, seeds=[seed])
                     _, _, cfg = prepare(req, seed)
                     (skipped if cfg.config_hash() in done else todo).append(seed)
                     stage1 = cfg.recipe["stage1"]
                 if todo or skipped:
-                    chain = json.dumps([dataset, float(rho), stage1], sort_keys=True)
-                    planned.append(Planned(replace(base, method=method, dataset=dataset, rho=float(rho),
-                                                   seeds=todo), skipped, chain))
+                    chain = json.dumps([dataset, rho, stage1], sort_keys=True)
+                    planned.append(Planned(replace(base, method=method, dataset=dataset, rho=rho, seeds=todo),
+                                           skipped, chain))
     return planned
 
 
@@ -94,7 +95,7 @@ def execute_sweep(planned: list[Planned], jobs: int, report=print, executor: str
         nonlocal completed, failed
         for p, error, runs in results:
             r = p.request
-            label = f"{r.method} on {r.dataset} rho {r.rho:g}, seeds {' '.join(map(str, r.seeds))}"
+            label = f"{r.method} on {r.dataset} rho {r.rho}, seeds {' '.join(map(str, r.seeds))}"
             if error:
                 failed += 1
                 report(f"[{completed}/{total}] FAILED {label}: {error}")

@@ -36,8 +36,7 @@ class TauNorm(Method):
     def finalize(self, model, ctx: RunContext) -> None:
         data = ctx.data
         weight = model.fc.weight.detach()
-        splits = {"val": (extract_features(model, data, data.val_x), data.val_y),
-                  "test": (extract_features(model, data, data.test_x), data.test_y)}
+        splits = {split: (extract_features(model, data, split), data.labels(split)) for split in ("val", "test")}
         best = {}
         for tau in tau_grid(ctx.recipe):
             w = tau_normalise(weight, tau)

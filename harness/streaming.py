@@ -1,0 +1,281 @@
+"""Benchmarks too large for device memory: ImageNet-LT, Places-LT, iNaturalist-2018.
+
+The user supplies the image root and the standard split lists (`relative/path label`
+per line, from the OLTR / classifier-balancing releases). Images are decoded and
+augmented by a DataLoader with workers and pinned memory (DESIGN.md §2: train
+RandomResizedCrop + flip (+ ColorJitter), test Resize + CenterCrop) and fed to the
+same engine; `StreamData` offers the engine and the methods what `DeviceData` does.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from harness import HarnessError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ---------------------------------------------------------------- split lists
+
+def read_split_list(path: Path) -> list[tuple[str, int]]:
+    """`relative/path label` per line; a clear error names the file and line at fault."""
+    items = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise HarnessError(f"{path} line {n}: expected 'relative/path label', got {line[:80]!r}")
+        items.append((parts[0], int(parts[1])))
+    return items
+
+
+@dataclass
+class FileLTData:
+    """A long-tailed benchmark whose images stay on disk: lists of (path, label)."""
+
+    name: str
+    root: Path
+    num_classes: int
+    class_names: list[str]
+    train: list[tuple[str, int]]
+    val: list[tuple[str, int]]
+    test: list[tuple[str, int]]
+    train_counts: list[int] = field(default_factory=list)
+    list_digest: str = ""
+
+    def checksum(self) -> str:
+        """sha256 over the split lists a run sees (the images are the user's files)."""
+        return self.list_digest
+
+
+@dataclass(frozen=True)
+class ListDatasetSpec:
+    """A dataset given as an image root plus split lists, validated against the
+    counts of its release (DESIGN.md §2)."""
+
+    name: str
+    title: str
+    num_classes: int
+    lists: dict                 # split -> file name under the root ("val" may be absent; iNat tests on val)
+    expected: dict              # split -> number of images the release has
+    backbone: str = "resnet50"
+    source: str = ""
+    color_jitter: bool = True
+    size: int = 224
+    resize: int = 256
+    channels: int = 3
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    workers: int = min(8, os.cpu_count() or 1)
+    streamed: bool = True
+
+    @property
+    def n_max(self) -> str:
+        return "natural"
+
+    def _root(self, data_root: Path | None) -> Path:
+        if data_root is None:
+            raise HarnessError(f"{self.title} is not downloadable: pass --data-root DIR holding the images and "
+                               f"{', '.join(self.lists.values())}")
+        return data_root
+
+    def natural_rho(self, data_root: Path | None) -> float:
+        """n_max / n_min of the release's training list (the only ratio it has)."""
+        path = self._root(data_root) / self.lists["train"]
+        if not path.is_file():
+            raise HarnessError(f"{self.title}: split list {path} is missing; put {self.lists['train']} in --data-root")
+        return ratio(np.bincount([y for _, y in read_split_list(path)]))
+
+    def build(self, rho, generator, val_per_class, data_root: Path | None, download: bool = False) -> FileLTData:
+        data_root = self._root(data_root)
+        if generator != "natural":
+            raise HarnessError(f"{self.title} has a fixed long tail (its split lists); pass --rho natural")
+        digest = hashlib.sha256(str(data_root.resolve()).encode())
+        splits = {}
+        for split, name in self.lists.items():
+            path = data_root / name
+            if not path.is_file():
+                raise HarnessError(f"{self.title}: split list {path} is missing; put {name} (the OLTR / "
+                                   "classifier-balancing release) in --data-root")
+            digest.update(path.read_bytes())
+            splits[split] = read_split_list(path)
+            want = self.expected.get(split)
+            if want is not None and len(splits[split]) != want:
+                raise HarnessError(f"{self.title}: {name} lists {len(splits[split]):,} images, the release has "
+                                   f"{want:,}; check the file")
+        labels = np.array([y for _, y in splits["train"]])
+        if labels.min() < 0 or labels.max() >= self.num_classes or len(np.unique(labels)) != self.num_classes:
+            raise HarnessError(f"{self.title}: {self.lists['train']} has labels {labels.min()}..{labels.max()} over "
+                               f"{len(np.unique(labels))} classes, expected 0..{self.num_classes - 1}")
+        for split, items in splits.items():
+            missing = [p for p, _ in items if not (data_root / p).is_file()]
+            if missing:
+                raise HarnessError(f"{self.title}: {len(missing):,} {split} images listed in {self.lists[split]} are "
+                                   f"missing under {data_root}, e.g. {missing[0]}")
+        counts = np.bincount(labels, minlength=self.num_classes).tolist()
+        if abs(float(rho) - ratio(counts)) > 1e-9 * ratio(counts):  # a ratio it does not have
+            raise HarnessError(f"{self.title} has a fixed long tail (rho {ratio(counts):g}, its split lists); "
+                               "pass --rho natural")
+        return FileLTData(self.name, data_root, self.num_classes, [str(c) for c in range(self.num_classes)],
+                          splits["train"], splits.get("val", []), splits["test"], counts, digest.hexdigest())
+
+    def device_data(self, data: FileLTData, device: torch.device) -> "StreamData":
+        return StreamData(self, data, device)
+
+
+def ratio(counts) -> float:
+    counts = np.asarray(counts)
+    return float(counts.max() / max(1, counts[counts > 0].min()))
+
+
+@dataclass(frozen=True)
+class FolderLTSpec(ListDatasetSpec):
+    """`folder-lt`: any `train/<class>/*` + `test/<class>/*` tree, made long-tailed with
+    the exponential profile at a chosen rho (n_max = the smallest class, so every class
+    can fill its quota; validation held out from the images left over), or used with
+    its own counts (`--rho natural`, no validation split)."""
+
+    num_classes: int = 0        # known once the tree is read
+    lists: dict = field(default_factory=dict)
+    expected: dict = field(default_factory=dict)
+
+    @property
+    def n_max(self) -> str:
+        return "smallest class"
+
+    def _tree(self, data_root: Path | None) -> dict[str, list[tuple[str, int]]]:
+        from harness.datasets import folder_layout
+
+        top = folder_layout(data_root)
+        if top is None:
+            raise HarnessError(f"folder-lt needs --data-root DIR with train/<class>/ and test/<class>/; "
+                               f"none under {data_root}")
+        classes = sorted(d.name for d in (top / "train").iterdir() if d.is_dir())
+        test_classes = sorted(d.name for d in (top / "test").iterdir() if d.is_dir())
+        if not classes or classes != test_classes:
+            raise HarnessError(f"train/ and test/ under {top} must hold the same, non-empty set of class folders")
+        tree = {"classes": classes, "top": top}
+        for split in ("train", "test"):
+            tree[split] = [(str(p.relative_to(top)), c) for c, name in enumerate(classes)
+                           for p in sorted((top / split / name).iterdir()) if p.is_file()]
+        return tree
+
+    def natural_rho(self, data_root: Path | None) -> float:
+        return ratio(np.bincount([y for _, y in self._tree(data_root)["train"]]))
+
+    def build(self, rho, generator, val_per_class, data_root: Path | None, download: bool = False) -> FileLTData:
+        from harness.data import holdout_val, lt_counts, select_lt
+
+        tree = self._tree(data_root)
+        items, classes = tree["train"], tree["classes"]
+        labels = np.array([y for _, y in items])
+        available = np.bincount(labels, minlength=len(classes))
+        if generator == "natural":
+            train, val = items, []
+        else:
+            kept = select_lt(labels, lt_counts(int(available.min()), len(classes), rho), generator)
+            held = holdout_val(labels, kept, val_per_class) if val_per_class > 0 else np.zeros(0, dtype=int)
+            train, val = [items[i] for i in kept], [items[i] for i in held]
+        counts = np.bincount([y for _, y in train], minlength=len(classes)).tolist()
+        digest = hashlib.sha256(repr((str(tree["top"].resolve()), train, val, tree["test"])).encode()).hexdigest()
+        return FileLTData(self.name, tree["top"], len(classes), classes, train, val, tree["test"], counts, digest)
+
+
+# ---------------------------------------------------------------- decoding and augmentation
+
+class FileDataset(torch.utils.data.Dataset):
+    def __init__(self, root: Path, items: list[tuple[str, int]], transform):
+        self.root, self.items, self.transform = root, items, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        path, label = self.items[i]
+        with Image.open(self.root / path) as img:
+            return self.transform(img.convert("RGB")), label
+
+
+def transforms_for(spec: ListDatasetSpec, train: bool):
+    from torchvision.transforms import v2
+
+    tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)]
+    if not train:
+        return v2.Compose([v2.Resize(spec.resize), v2.CenterCrop(spec.size), *tail])
+    jitter = [v2.ColorJitter(0.4, 0.4, 0.4)] if spec.color_jitter else []
+    return v2.Compose([v2.RandomResizedCrop(spec.size), v2.RandomHorizontalFlip(), *jitter, *tail])
+
+
+class StreamData:
+    """What the engine needs of a run's data, streamed from files: labels on the
+    device, training batches in a given order, evaluation batches per split."""
+
+    streamed = True
+
+    def __init__(self, spec: ListDatasetSpec, data: FileLTData, device: torch.device, eval_batch: int = 256):
+        self.spec, self.data, self.device, self.eval_batch = spec, data, device, eval_batch
+        self.num_classes = data.num_classes
+        as_labels = lambda items: torch.tensor([y for _, y in items], dtype=torch.long, device=device)  # noqa: E731
+        self.train_y, self.val_y, self.test_y = as_labels(data.train), as_labels(data.val), as_labels(data.test)
+        self.train_counts = torch.bincount(self.train_y, minlength=self.num_classes)
+        self.train_set = FileDataset(data.root, data.train, transforms_for(spec, train=True))
+
+    @property
+    def n_train(self) -> int:
+        return len(self.data.train)
+
+    def labels(self, split: str) -> torch.Tensor:
+        return {"val": self.val_y, "test": self.test_y}[split]
+
+    def _loader(self, dataset, batch_size: int, order=None, seed: int | None = None):
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        workers = self.spec.workers
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, sampler=order, num_workers=workers, generator=gen,
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            prefetch_factor=4 if workers else None)
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+
+    def train_batches(self, order: torch.Tensor, batch_size: int, seed: int):
+        """Batches in exactly `order` (the engine's sampler); the workers' random crops,
+        flips and jitter follow `seed`, so an epoch is reproducible and resumable."""
+        for x, y in self._loader(self.train_set, batch_size, order.tolist(), seed):
+            yield self._to_device(x), y.to(self.device, non_blocking=True)
+
+    def eval_batches(self, split: str):
+        items = {"val": self.data.val, "test": self.data.test}[split]
+        dataset = FileDataset(self.data.root, items, transforms_for(self.spec, train=False))
+        for x, _ in self._loader(dataset, self.eval_batch):
+            yield self._to_device(x)
+
+
+IMAGENET_LT = ListDatasetSpec(
+    name="imagenet-lt", title="ImageNet-LT", num_classes=1000,
+    lists={"train": "ImageNet_LT_train.txt", "val": "ImageNet_LT_val.txt", "test": "ImageNet_LT_test.txt"},
+    expected={"train": 115_846, "val": 20_000, "test": 50_000}, backbone="resnext50_32x4d",
+    source="ImageNet-2012 images + OLTR split lists (user-supplied)")
+PLACES_LT = ListDatasetSpec(
+    name="places-lt", title="Places-LT", num_classes=365,
+    lists={"train": "Places_LT_train.txt", "val": "Places_LT_val.txt", "test": "Places_LT_test.txt"},
+    expected={"train": 62_500, "val": 7_300, "test": 36_500}, backbone="resnet152",
+    source="Places-365 images + OLTR split lists (user-supplied)")
+INAT2018 = ListDatasetSpec(
+    name="inat2018", title="iNaturalist-2018", num_classes=8142,
+    lists={"train": "iNaturalist18_train.txt", "test": "iNaturalist18_val.txt"},
+    expected={"train": 437_513, "test": 24_426}, backbone="resnet50", color_jitter=False,
+    source="iNaturalist-2018 images + classifier-balancing lists (user-supplied; val used as test)")
+FOLDER_LT = FolderLTSpec(
+    name="folder-lt", title="Image folder (LT)", backbone="resnet50",
+    source="any train/<class>/ + test/<class>/ tree (--data-root); --rho R or --rho natural")

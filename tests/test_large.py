@@ -1,0 +1,182 @@
+"""Large benchmarks on a miniature: an ImageNet-LT-shaped tree with split lists in the
+real format, streamed through DataLoader workers into a small timm model; folder-lt."""
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from harness import HarnessError
+from harness.registry import DATASETS
+from harness.runner import RunRequest, execute
+from harness.store import Store
+from harness.streaming import FOLDER_LT, ListDatasetSpec
+
+COUNTS = [24, 12, 6, 3]  # many / medium / few need > 100 ... so: all "medium"/"few" here; the ratio is 8
+CLASSES = len(COUNTS)
+
+
+def write_images(root, rel_paths, label_of, size=20):
+    rng = np.random.RandomState(0)
+    for rel in rel_paths:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        base = 60 * label_of[rel]
+        pixels = np.clip(base + rng.randint(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(path, "JPEG")
+
+
+def mini_imagenet_lt(root):
+    """Images under train/ and val/ plus ImageNet_LT_{train,val,test}.txt in the OLTR format."""
+    lists, label_of = {"train": [], "val": [], "test": []}, {}
+    for c, n in enumerate(COUNTS):
+        for split, k in (("train", n), ("val", 2), ("test", 3)):
+            folder = "train" if split == "train" else "val"
+            for i in range(k):
+                rel = f"{folder}/n{c:08d}/n{c:08d}_{split}{i}.JPEG"
+                lists[split].append(f"{rel} {c}")
+                label_of[rel] = c
+    write_images(root, label_of, label_of)
+    for split, lines in lists.items():
+        (root / f"ImageNet_LT_{split}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+MINI = ListDatasetSpec(
+    name="mini-imagenet-lt", title="Mini-ImageNet-LT", num_classes=CLASSES,
+    lists={"train": "ImageNet_LT_train.txt", "val": "ImageNet_LT_val.txt", "test": "ImageNet_LT_test.txt"},
+    expected={"train": sum(COUNTS), "val": 2 * CLASSES, "test": 3 * CLASSES}, backbone="timm:resnet10t",
+    source="generated in the tests", size=16, resize=18, workers=0)
+
+BENCH = textwrap.dedent("""
+    version: 1
+    recipes:
+      one: &one {epochs: 1, batch_size: 8, lr: 0.05, momentum: 0.9, weight_decay: 5.0e-4, schedule: {kind: cosine}}
+      two: &two {epochs: 1, batch_size: 8, lr: 0.05, momentum: 0.9, weight_decay: 0.1, schedule: {kind: cosine}}
+    mini_methods: &mini
+      ce: {stage1: *one}
+      crt: {stage1: *one, stage2: *one}
+      lws: {stage1: *one, stage2: *one}
+      tau_norm: {stage1: *one}
+      fbl: {stage1: *one, lambda: 150}
+      wb: {stage1: {<<: *one, weight_decay: 5.0e-3}, stage2: *two, beta: 0.9999, maxnorm_thresh: 0.1}
+    benchmarks:
+      mini-imagenet-lt:
+        rhos: [natural]
+        backbone: timm:resnet10t
+        metric: top1
+        generator: natural
+        methods: *mini
+        references:
+          - {method: ce, rho: 8, top1: 44.4, backbone: resnext50_32x4d, source: "shape of a real reference"}
+      folder-lt:
+        rhos: [natural]
+        backbone: timm:resnet10t
+        metric: top1
+        generator: ldam
+        val_per_class: 2
+        methods: *mini
+""")
+
+
+@pytest.fixture
+def large(tmp_path, monkeypatch):
+    bench = tmp_path / "benchmarks.yaml"
+    bench.write_text(BENCH)
+    monkeypatch.setenv("HARNESS_BENCHMARKS", str(bench))
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HARNESS_DB", f"sqlite:///{tmp_path / 'results.db'}")
+    DATASETS.register("mini-imagenet-lt", MINI)
+    yield mini_imagenet_lt(tmp_path / "imagenet"), f"sqlite:///{tmp_path / 'results.db'}"
+    DATASETS.unregister("mini-imagenet-lt")
+
+
+def run(method, root, dataset="mini-imagenet-lt", rho="natural"):
+    return execute(RunRequest(method=method, dataset=dataset, rho=rho, data_root=str(root), device="cpu",
+                              progress=False))
+
+
+@pytest.mark.parametrize("method", ["ce", "crt", "lws", "tau_norm", "fbl", "wb"])
+def test_every_method_runs_a_step_on_the_miniature(large, method):
+    root, url = large
+    [res] = run(method, root)
+    row = Store(url).get_run(res.run_id)
+    assert row.status == "completed" and row.rho == 8.0 and row.generator == "natural"
+    assert row.backbone == "timm:resnet10t"
+    assert [c.train_count for c in sorted(row.class_metrics, key=lambda c: c.class_index)] == COUNTS
+    test = {m.group: m for m in row.metrics if m.split == "test"}
+    assert {g: test[g].n_classes for g in test} == {"all": 4, "many": 0, "medium": 1, "few": 3}
+    assert test["many"].top1 is None  # empty group stays empty
+    assert {m.split for m in row.metrics} == {"test", "val"}  # the release's val list is used
+
+
+def test_streamed_epochs_are_reproducible(large):
+    root, url = large
+    [a] = run("ce", root)
+    for path in (root.parent / "cache").rglob("*.pt"):
+        path.unlink()  # no stage-1 cache: train again from the same seed
+    [b] = run("ce", root)
+    assert not b.stage1_cached and a.metrics == b.metrics
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda r: (r / "ImageNet_LT_val.txt").unlink(), "split list"),
+    (lambda r: (r / "ImageNet_LT_test.txt").write_text("val/x.JPEG 0\n"), "lists 1 images, the release has 12"),
+    (lambda r: next((r / "train").rglob("*.JPEG")).unlink(), "train images listed in ImageNet_LT_train.txt are missing"),
+    (lambda r: (r / "ImageNet_LT_train.txt").write_text("no label here\n"), "line 1: expected 'relative/path label'"),
+])
+def test_broken_release_is_a_clear_error(large, damage, message):
+    root, url = large
+    damage(root)
+    with pytest.raises(HarnessError, match=message):
+        run("ce", root)
+    assert not (root.parent / "results.db").exists() or Store(url).list_runs() == []
+
+
+def test_a_fixed_tail_refuses_a_ratio(large):
+    root, _ = large
+    with pytest.raises(HarnessError, match="fixed long tail"):
+        run("ce", root, rho=100.0)
+
+
+def folder_tree(root, train_counts, test_per_class=2):
+    label_of = {}
+    for c, n in enumerate(train_counts):
+        for split, k in (("train", n), ("test", test_per_class)):
+            for i in range(k):
+                label_of[f"{split}/class{c}/{i}.jpg"] = c
+    write_images(root, label_of, label_of, size=24)
+    return root
+
+
+def test_folder_lt_natural_and_cut_to_a_ratio(large, tmp_path):
+    root = folder_tree(tmp_path / "folder", [30, 20, 30])
+    [natural] = run("ce", root, dataset="folder-lt")
+    row = Store(large[1]).get_run(natural.run_id)
+    assert row.generator == "natural" and row.rho == 1.5
+    assert [c.train_count for c in sorted(row.class_metrics, key=lambda c: c.class_index)] == [30, 20, 30]
+    assert {m.split for m in row.metrics} == {"test"}  # natural counts: no images left for a validation split
+    [cut] = run("crt", root, dataset="folder-lt", rho=4.0)  # n_max = the smallest class (20): 20, 10, 5
+    row = Store(large[1]).get_run(cut.run_id)
+    assert [c.train_count for c in sorted(row.class_metrics, key=lambda c: c.class_index)] == [20, 10, 5]
+    val = {m.group: m.n_classes for m in row.metrics if m.split == "val"}
+    assert val["all"] == 3
+    assert FOLDER_LT.workers >= 1  # this spec decodes in DataLoader worker processes
+
+
+def test_pretrained_weights_are_never_downloaded(tmp_path, monkeypatch):
+    from harness.models import build_model
+
+    monkeypatch.setenv("HARNESS_WEIGHTS", str(tmp_path / "none"))
+    with pytest.raises(HarnessError, match="not on this machine: put resnet10t.pth or resnet10t.safetensors in"):
+        build_model("timm:resnet10t+pretrained", 3, 3)
+    body = build_model("timm:resnet10t", 3, 3).body
+    (tmp_path / "w").mkdir()
+    torch.save({k: v + 1 for k, v in body.state_dict().items() if v.is_floating_point()} |
+               {k: v for k, v in body.state_dict().items() if not v.is_floating_point()},
+               tmp_path / "w" / "resnet10t.pth")
+    monkeypatch.setenv("HARNESS_WEIGHTS", str(tmp_path / "w"))
+    loaded = build_model("timm:resnet10t+pretrained", 3, 3).body
+    key = next(k for k, v in body.state_dict().items() if v.is_floating_point())
+    assert torch.equal(loaded.state_dict()[key], body.state_dict()[key] + 1)
