@@ -57,7 +57,11 @@ def run(method, dataset, rho, seeds, preset, epochs, device, data_root, download
                      device=device, data_root=data_root, download=download, db=db, generator=generator,
                      backbone=backbone, val_per_class=val_per_class, cache_dir=cache_dir,
                      benchmarks=benchmarks, progress=not no_progress)
+    from harness.distributed import is_main
+
     results = execute(req)
+    if not is_main():  # under torchrun rank 0 reports
+        return
     rows = []
     for r in results:
         t = r.metrics["test"]
@@ -247,6 +251,10 @@ def report(db, fmt_, out, file_, benchmarks) -> None:
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     except HarnessError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

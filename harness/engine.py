@@ -22,6 +22,7 @@ from torch import nn
 from harness import HarnessError
 from harness.checkpoints import load_epoch_checkpoint, save_epoch_checkpoint
 from harness.data import LTData
+from harness.distributed import all_reduce_sum, is_main, shard_positions, world
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -243,7 +244,15 @@ class Trainer:
         self.params = list(spec.params) if spec.params is not None else list(model.parameters())
         # streamed data (files decoded by a DataLoader) arrive in fresh host batches: eager steps
         self.streamed = getattr(data, "streamed", False)
-        self.use_graph = graphs_wanted(spec, self.device) and not self.streamed
+        self.distributed = world()[1] > 1
+        self.use_graph = graphs_wanted(spec, self.device) and not (self.streamed or self.distributed)
+        self.batch = spec.batch_size  # this process's share of a global batch under torchrun
+        self.forward = _Forward(model, spec.frozen_backbone)
+        if self.distributed:  # gradients averaged over the processes by DistributedDataParallel
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward = DistributedDataParallel(
+                self.forward, find_unused_parameters=spec.params is not None or spec.frozen_backbone)
         self.lr_t = torch.tensor(spec.lr, device=self.device) if self.use_graph else None
         self.opt = make_optimizer(self.params, spec, self.device, self.lr_t)
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
@@ -264,14 +273,9 @@ class Trainer:
         self._update(self.data.augment(idx, oy, ox, flip), self.data.train_y[idx], zero_grad)
 
     def _update(self, x, y, zero_grad: bool = True) -> None:
-        spec, model = self.spec, self.model
+        spec = self.spec
         with autocast_for(self.device):
-            if spec.frozen_backbone:
-                with torch.no_grad():
-                    feats = model.features(x)
-            else:
-                feats = model.features(x)
-            logits = model.fc(feats)
+            logits, feats = self.forward(x)
         loss = spec.loss(logits.float(), feats.float(), y, self.epoch_t)
         if zero_grad:
             self.opt.zero_grad(set_to_none=True)
@@ -332,11 +336,14 @@ class Trainer:
             order = torch.from_numpy(class_aware_order(self.labels_np, self.rng)).to(self.device)
         else:
             order = instance_order(self.data.n_train, self.gen, self.device)
+        # every process draws the same global epoch, then keeps its share of each batch
+        positions, self.batch = shard_positions(order.shape[0], self.spec.batch_size, self.device)
         if self.streamed:  # the loader's workers draw the augmentation, seeded from this generator
             seed = int(torch.randint(0, 2**62, (1,), device=self.device, generator=self.gen))
-            self.batches = iter(self.data.train_batches(order.cpu(), self.spec.batch_size, seed))
-            return order, None, None, None
-        return (order, *self.data.draw_augment(order.shape[0], self.gen))
+            self.batches = iter(self.data.train_batches(order[positions].cpu(), self.batch, seed))
+            return order[positions], None, None, None
+        drawn = (order, *self.data.draw_augment(order.shape[0], self.gen))
+        return tuple(t[positions] for t in drawn) if self.distributed else drawn
 
     def begin_epoch(self) -> None:
         spec, epoch = self.spec, self.epoch
@@ -349,7 +356,7 @@ class Trainer:
         self.epoch_t.fill_(float(epoch))
         self.loss_sum.zero_()
         self.order, self.oy, self.ox, self.flip = self._draw()
-        n, b = self.order.shape[0], spec.batch_size
+        n, b = self.order.shape[0], self.batch
         self.full_steps, self.n = n // b, n
         self.cursor = 0
         if self.use_graph and self.full_steps > 0:
@@ -370,11 +377,11 @@ class Trainer:
             self.step_t.zero_()
 
     def steps_in_epoch(self) -> int:
-        return -(-self.n // self.spec.batch_size)
+        return -(-self.n // self.batch)
 
     def step(self) -> None:
         """The next step of the current epoch."""
-        b, start = self.spec.batch_size, self.cursor
+        b, start = self.batch, self.cursor
         if self.streamed:
             self._update(*next(self.batches))
         elif self.graph is not None and start // b < self.full_steps:
@@ -386,7 +393,8 @@ class Trainer:
         self.log.steps += 1
 
     def end_epoch(self) -> float:
-        loss = float(self.loss_sum) / self.n  # the one host read per epoch
+        total = all_reduce_sum(torch.stack([self.loss_sum, torch.tensor(float(self.n), device=self.device)]))
+        loss = float(total[0]) / float(total[1])  # the one host read per epoch
         if not math.isfinite(loss):
             raise TrainingDiverged(f"loss became {loss} in epoch {self.epoch}", self.epoch)
         self.log.epoch_loss.append(loss)
@@ -430,6 +438,20 @@ class Trainer:
         return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
 
 
+class _Forward(nn.Module):
+    """logits and features of a Classifier in one call (the unit DDP wraps); the
+    features of a frozen backbone are computed without gradients."""
+
+    def __init__(self, model, frozen_backbone: bool):
+        super().__init__()
+        self.model, self.frozen = model, frozen_backbone
+
+    def forward(self, x):
+        with torch.no_grad() if self.frozen else contextlib.nullcontext():
+            feats = self.model.features(x)
+        return self.model.fc(feats), feats
+
+
 def fit_many(trainers: list[Trainer], progress=None, checkpoints: list | None = None) -> list[TrainLog]:
     """Train several models together, interleaved step by step; on CUDA each trainer
     issues its work on its own stream, so independent runs overlap on one GPU.
@@ -467,7 +489,7 @@ def fit_many(trainers: list[Trainer], progress=None, checkpoints: list | None = 
         for t, path in active:
             with t.on_stream():
                 losses.append(t.end_epoch())
-                if path is not None:
+                if path is not None and is_main():
                     save_epoch_checkpoint(path, t.state_dict())
         if progress is not None:
             progress(epoch, epochs, float(np.mean(losses)))

@@ -20,6 +20,7 @@ from harness.checkpoints import (cache_root, drop_epoch_checkpoint, epoch_checkp
                                  save_atomic, stage1_key, stage1_path)
 from harness.config import RunConfig, load_benchmarks, resolve
 from harness.data import LTData, group_accuracies, per_class_accuracy, shot_group
+from harness.distributed import init_from_env, is_main, world
 from harness.engine import (DeviceData, Trainer, TrainSpec, device_name, fit_many, predict, resolve_device,
                             train)
 from harness.method import Method, RunContext
@@ -80,22 +81,26 @@ def execute(req: RunRequest) -> list[RunResult]:
     """Run every seed of the request. Everything is validated before a row is written;
     the seeds' stage-1 trainings run together (concurrently on one GPU)."""
     prepared = [prepare(req, seed) for seed in req.seeds]
-    device = resolve_device(req.device)
+    device = init_from_env(resolve_device(req.device))  # under torchrun: this process's device
+    rank, world_size = world()
     _, spec, cfg0 = prepared[0]
     root = Path(req.data_root) if req.data_root else None
     if root is not None and not root.is_dir():
         raise HarnessError(f"data root {root} is not a directory; pass --data-root DIR or set HARNESS_DATA_ROOT")
     data = spec.build(cfg0.rho, cfg0.generator, cfg0.val_per_class, root, req.download)
-    store = Store(req.db)  # opened only once the request is known to be good: bad input creates nothing
+    # opened only once the request is known to be good: bad input creates nothing; under
+    # torchrun only rank 0 writes (the others train their shards and evaluate alike)
+    store = Store(req.db) if rank == 0 else None
     checksum = data.checksum()
     ddata = spec.device_data(data, device)
     jobs = [Job(method, cfg, uuid.uuid4().hex[:12]) for method, _, cfg in prepared]
-    for job in jobs:
+    where = device_name(device) if world_size == 1 else f"{world_size} x {device_name(device)} (torchrun)"
+    for job in jobs if store else []:
         store.start_run(Run(
             id=job.run_id, method=job.cfg.method, dataset=job.cfg.dataset, rho=job.cfg.rho,
             backbone=job.cfg.backbone, seed=job.cfg.seed, generator=job.cfg.generator, preset=job.cfg.preset,
             config=job.cfg.to_dict(), config_hash=job.cfg.config_hash(), status="running", started_at=now(),
-            device=device_name(device), git_commit=git_commit(), versions=package_versions(),
+            device=where, git_commit=git_commit(), versions=package_versions(),
             data_checksum=checksum, extra={}))
     results, start = [], time.perf_counter()
     try:
@@ -104,7 +109,7 @@ def execute(req: RunRequest) -> list[RunResult]:
             results.append(finish(job, data, ddata, store, req))
     except BaseException as exc:  # KeyboardInterrupt too: the rows must say the runs did not finish
         error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
-        for job in jobs[len(results):]:
+        for job in jobs[len(results):] if store else []:
             store.fail_run(job.run_id, error, time.perf_counter() - start, getattr(exc, "epoch", None))
         raise
     return results
@@ -133,6 +138,8 @@ def stage1(jobs: list[Job], spec, data: LTData, ddata: DeviceData, checksum: str
         model = build_model(cfg.backbone, data.num_classes, spec.channels)
         job.model = model.to(ddata.device, memory_format=torch.channels_last)
         job.ctx = RunContext(data=ddata, train_counts=data.train_counts, recipe=cfg.recipe, seed=cfg.seed)
+        if world()[1] > 1:
+            job.ctx.extra["world_size"] = world()[1]
         loss_id, loss = job.method.stage1_loss(job.ctx)
         key = stage1_key(cfg.to_dict(), loss_id, checksum)
         path = stage1_path(root, key)
@@ -144,15 +151,16 @@ def stage1(jobs: list[Job], spec, data: LTData, ddata: DeviceData, checksum: str
             job.cached = True
             record_stage1(job, cached["epoch_loss"], cached["seconds"], cached.get("engine", "unknown"))
         else:
-            spec = TrainSpec.from_recipe(cfg.recipe["stage1"], loss=loss)
-            to_train.append((job, Trainer(job.model, ddata, spec, cfg.seed), key))
+            train_spec = TrainSpec.from_recipe(cfg.recipe["stage1"], loss=loss)
+            to_train.append((job, Trainer(job.model, ddata, train_spec, cfg.seed), key))
     # one group per epoch budget: trainers interleave step by step within a group
     groups: dict[int, list] = {}
     for item in to_train:
         groups.setdefault(item[1].spec.epochs, []).append(item)
     for group in groups.values():
         seeds = ", ".join(str(j.cfg.seed) for j, _, _ in group)
-        update, close = progress_printer(f"{group[0][0].cfg.method} stage 1 seed {seeds}", req.progress)
+        update, close = progress_printer(f"{group[0][0].cfg.method} stage 1 seed {seeds}",
+                                         req.progress and is_main())
         partials = [epoch_checkpoint_path(root, key) for _, _, key in group]
         t0 = time.perf_counter()
         try:
@@ -161,9 +169,11 @@ def stage1(jobs: list[Job], spec, data: LTData, ddata: DeviceData, checksum: str
             close()
         seconds = (time.perf_counter() - t0) / len(group)
         for (job, _, key), log, partial in zip(group, logs, partials):
-            save_atomic(stage1_path(root, key), {"model": job.model.state_dict(), "epoch_loss": log.epoch_loss,
-                                                 "seconds": seconds, "engine": log.graph})
-            drop_epoch_checkpoint(partial)
+            if is_main():
+                save_atomic(stage1_path(root, key), {"model": job.model.state_dict(),
+                                                     "epoch_loss": log.epoch_loss, "seconds": seconds,
+                                                     "engine": log.graph})
+                drop_epoch_checkpoint(partial)
             if log.resumed_from is not None:
                 job.ctx.extra["stage1_resumed_from_epoch"] = log.resumed_from
             record_stage1(job, log.epoch_loss, seconds, log.graph)
@@ -190,19 +200,20 @@ def progress_printer(label: str, enabled: bool):
     return update, bar.close
 
 
-def finish(job: Job, data: LTData, ddata: DeviceData, store: Store, req: RunRequest) -> RunResult:
+def finish(job: Job, data: LTData, ddata: DeviceData, store: Store | None, req: RunRequest) -> RunResult:
     """Stage 2, post-hoc step, evaluation and the one-transaction write of one job."""
     method, cfg, model, ctx = job.method, job.cfg, job.model, job.ctx
     start = time.perf_counter()
     spec2 = method.stage2(model, ctx)
     if spec2 is not None:
-        update, close = progress_printer(f"{cfg.method} stage 2 seed {cfg.seed}", req.progress)
+        update, close = progress_printer(f"{cfg.method} stage 2 seed {cfg.seed}", req.progress and is_main())
         partial = epoch_checkpoint_path(cache_root(req.cache_dir), job.stage2_key)
         try:
             log2 = train(model, ddata, spec2, cfg.seed + 1, update, checkpoint=partial)
         finally:
             close()
-        drop_epoch_checkpoint(partial)
+        if is_main():
+            drop_epoch_checkpoint(partial)
         ctx.extra["stage2_engine"] = log2.graph
         if log2.resumed_from is not None:
             ctx.extra["stage2_resumed_from_epoch"] = log2.resumed_from
@@ -226,6 +237,8 @@ def finish(job: Job, data: LTData, ddata: DeviceData, store: Store, req: RunRequ
                   for c in range(data.num_classes)]
     # this run's own compute: its stage-1 share when it trained one, plus everything after
     own_seconds = time.perf_counter() - start + (0.0 if job.cached else ctx.extra["stage1_seconds"])
+    if store is None:  # a torchrun process other than rank 0
+        return RunResult(job.run_id, cfg, {}, ctx.extra, job.cached)
     if "stage1_resumed_from_epoch" in ctx.extra or "stage2_resumed_from_epoch" in ctx.extra:
         store.close_interrupted(cfg.config_hash(), job.run_id)
     store.complete_run(job.run_id, metrics=metrics, class_metrics=class_rows, curves=ctx.curves, extra=ctx.extra,
