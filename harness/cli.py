@@ -24,6 +24,21 @@ def parse_rho(text) -> float | str:
         raise HarnessError(f"--rho takes a number >= 1 or 'natural', got '{text}'") from None
 
 
+def training_options(command):
+    """The options `run` and `sweep` share: where to train, on what data, into which store."""
+    for option in reversed([
+        click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])),
+        click.option("--data-root", envvar="HARNESS_DATA_ROOT",
+                     help="Dataset directory (torchvision layout, train/ + test/ folders, or split lists)."),
+        click.option("--download", is_flag=True, help="Let torchvision download a missing dataset."),
+        click.option("--db", envvar="HARNESS_DB", help="SQLAlchemy URL of the results store [sqlite:///results.db]."),
+        click.option("--cache-dir", envvar="HARNESS_CACHE", help="Stage-1 checkpoint cache [.harness_cache]."),
+        click.option("--no-progress", is_flag=True, help="No progress bars."),
+    ]):
+        command = option(command)
+    return command
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """ltr-harness: train, evaluate and rank long-tailed recognition methods."""
@@ -36,16 +51,11 @@ def cli() -> None:
 @click.option("--seed", "seeds", type=int, multiple=True, help="Seed(s); repeat or list: --seed 0 1 2.")
 @click.option("--preset", default="paper", show_default=True, help="Recipe budget: paper or quick.")
 @click.option("--epochs", type=int, help="Override stage-1 epochs (schedule scales; recorded as a custom preset).")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--data-root", envvar="HARNESS_DATA_ROOT", help="Dataset directory (torchvision or train/ + test/ folders).")
-@click.option("--download", is_flag=True, help="Let torchvision download the dataset if it is missing.")
-@click.option("--db", envvar="HARNESS_DB", help="SQLAlchemy URL of the results store [sqlite:///results.db].")
+@training_options
 @click.option("--generator", type=click.Choice(["ldam", "first"]), help="Which images the LT subset keeps.")
 @click.option("--backbone", help="Override the benchmark's backbone.")
 @click.option("--val-per-class", type=int, help="Held-out validation images per class.")
-@click.option("--cache-dir", envvar="HARNESS_CACHE", help="Stage-1 checkpoint cache [.harness_cache].")
 @click.option("--benchmarks", envvar="HARNESS_BENCHMARKS", help="benchmarks.yaml to use.")
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.argument("more_seeds", nargs=-1, type=int)
 def run(method, dataset, rho, seeds, preset, epochs, device, data_root, download, db, generator, backbone,
         val_per_class, cache_dir, benchmarks, no_progress, more_seeds) -> None:
@@ -84,12 +94,7 @@ def run(method, dataset, rho, seeds, preset, epochs, device, data_root, download
               help="local processes, or one Ray task per chain (one GPU each where GPUs exist).")
 @click.option("--address", help="Ray cluster to join (e.g. ray://host:10001); default: a local Ray instance.")
 @click.option("--dry-run", is_flag=True, help="List what would run, run nothing.")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--data-root", envvar="HARNESS_DATA_ROOT", help="Dataset directory.")
-@click.option("--download", is_flag=True, help="Let torchvision download missing datasets.")
-@click.option("--db", envvar="HARNESS_DB", help="SQLAlchemy URL of the results store [sqlite:///results.db].")
-@click.option("--cache-dir", envvar="HARNESS_CACHE", help="Stage-1 checkpoint cache [.harness_cache].")
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@training_options
 @click.argument("more_seeds", nargs=-1, type=int)
 def sweep(benchmarks, methods, datasets, rhos, seeds, preset, epochs, jobs, executor, address, dry_run, device,
           data_root, download, db, cache_dir, no_progress, more_seeds) -> None:

@@ -269,7 +269,7 @@ IMAGENET_LT = ListDatasetSpec(
 PLACES_LT = ListDatasetSpec(
     name="places-lt", title="Places-LT", num_classes=365,
     lists={"train": "Places_LT_train.txt", "val": "Places_LT_val.txt", "test": "Places_LT_test.txt"},
-    expected={"train": 62_500, "val": 7_300, "test": 36_500}, backbone="resnet152",
+    expected={"train": 62_500, "val": 7_300, "test": 36_500}, backbone="resnet152+pretrained",
     source="Places-365 images + OLTR split lists (user-supplied)")
 INAT2018 = ListDatasetSpec(
     name="inat2018", title="iNaturalist-2018", num_classes=8142,
