@@ -516,7 +516,5 @@ def extract_features(model, data: DeviceData, split: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model, data: DeviceData, split: str, head: nn.Module | None = None) -> torch.Tensor:
-    feats = extract_features(model, data, split)
-    head = head if head is not None else model.fc
-    return head(feats).argmax(1)
+def predict(model, data: DeviceData, split: str) -> torch.Tensor:
+    return model.fc(extract_features(model, data, split)).argmax(1)

@@ -165,15 +165,15 @@ def load_local_weights(body: nn.Module, arch: str) -> None:
 BACKBONES = {"resnet32": resnet32, "resnet34-cifar": resnet34_cifar, "fmnist-cnn": fmnist_cnn}
 
 
-def known_backbone(name: str) -> bool:
+def check_backbone(name: str) -> None:
     base = name.removesuffix(PRETRAINED)
-    return base in BACKBONES and base == name or base in TIMM_BACKBONES or base.startswith("timm:")
+    if not (name in BACKBONES or base in TIMM_BACKBONES or base.startswith("timm:")):
+        raise HarnessError(f"unknown backbone '{name}'; known backbones: {', '.join(sorted(BACKBONES))}, "
+                           f"{', '.join(TIMM_BACKBONES)} (+pretrained), timm:<any timm model>")
 
 
 def build_model(name: str, num_classes: int, in_channels: int) -> Classifier:
-    if not known_backbone(name):
-        raise HarnessError(f"unknown backbone '{name}'; known backbones: {', '.join(sorted(BACKBONES))}, "
-                           f"{', '.join(TIMM_BACKBONES)} (+pretrained), timm:<any timm model>")
+    check_backbone(name)
     if name in BACKBONES:
         return BACKBONES[name](num_classes, in_channels)
     return timm_model(name, num_classes, in_channels)

@@ -20,6 +20,7 @@ import pandas as pd
 from sqlalchemy import select
 from tabulate import tabulate
 
+from harness import HarnessError
 from harness.config import load_benchmarks
 from harness.store import ClassMetric, CurvePoint, Metric, Run, Store
 
@@ -325,9 +326,21 @@ def render_html(boards: list[Board], out: Path) -> list[Path]:
                                                      ref_rows=ref_rows, methods=sorted(methods))
         written.append(write(out / f"{b.slug}.html", html))
     for method, results in methods.items():
-        html = env.get_template("method.html").render(method=method, results=results, methods=sorted(methods))
+        html = env.get_template("method.html").render(method=method, about=method_about(method), results=results,
+                                                      methods=sorted(methods))
         written.append(write(out / f"method-{slugify(method)}.html", html))
     return written
+
+
+def method_about(name: str) -> dict:
+    """Title and paper of a registered method; a stored method no longer installed shows its name only."""
+    from harness.registry import METHODS
+
+    try:
+        method = METHODS.get(name)
+    except HarnessError:
+        return {"title": name, "paper": ""}
+    return {"title": getattr(method, "title", name) or name, "paper": getattr(method, "paper", "")}
 
 
 def leaders(boards: list[Board]) -> list[dict]:

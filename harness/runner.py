@@ -24,7 +24,7 @@ from harness.distributed import init_from_env, is_main, world
 from harness.engine import (DeviceData, Trainer, TrainSpec, device_name, fit_many, predict, resolve_device,
                             train)
 from harness.method import Method, RunContext
-from harness.models import build_model, head_weight, known_backbone
+from harness.models import build_model, check_backbone, head_weight
 from harness.provenance import git_commit, package_versions
 from harness.registry import DATASETS, METHODS
 from harness.store import Run, Store, now
@@ -72,8 +72,7 @@ def prepare(req: RunRequest, seed: int) -> tuple[Method, object, RunConfig]:
                   epochs=req.epochs, generator=generator, backbone=req.backbone,
                   val_per_class=req.val_per_class,
                   method_default_recipe=getattr(method, "default_recipe", None))
-    if not known_backbone(cfg.backbone):
-        build_model(cfg.backbone, 1, 1)  # raises the error that lists the known backbones
+    check_backbone(cfg.backbone)
     return method, spec, cfg
 
 
@@ -129,7 +128,7 @@ class Job:
 def stage1(jobs: list[Job], spec, data: LTData, ddata: DeviceData, checksum: str, req: RunRequest) -> None:
     """Load each job's stage-1 checkpoint or train it; uncached jobs train together,
     checkpointing every epoch and resuming an interrupted training where it stopped."""
-    root = cache_root(req.cache_dir)
+    root, world_size = cache_root(req.cache_dir), world()[1]
     to_train: list[tuple[Job, Trainer, str]] = []
     for job in jobs:
         cfg = job.cfg
@@ -138,8 +137,8 @@ def stage1(jobs: list[Job], spec, data: LTData, ddata: DeviceData, checksum: str
         model = build_model(cfg.backbone, data.num_classes, spec.channels)
         job.model = model.to(ddata.device, memory_format=torch.channels_last)
         job.ctx = RunContext(data=ddata, train_counts=data.train_counts, recipe=cfg.recipe, seed=cfg.seed)
-        if world()[1] > 1:
-            job.ctx.extra["world_size"] = world()[1]
+        if world_size > 1:
+            job.ctx.extra["world_size"] = world_size
         loss_id, loss = job.method.stage1_loss(job.ctx)
         key = stage1_key(cfg.to_dict(), loss_id, checksum)
         path = stage1_path(root, key)
