@@ -8,11 +8,7 @@ import click
 from tabulate import tabulate
 
 from harness import HarnessError
-
-
-def fmt(value, digits: int = 2) -> str:
-    """A number for people; an empty shot group is shown as an em dash, never 0."""
-    return "—" if value is None else f"{value:.{digits}f}"
+from harness.formatting import fmt
 
 
 def parse_rho(text) -> float | str:

@@ -91,24 +91,30 @@ def check_shapes(spec: DatasetSpec, raw: RawSplits) -> None:
 
 # ---------------------------------------------------------------- image folders
 
+def image_folder_files(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    """(file, label) for every file of `root/<class>/*`, and the class names: classes
+    sorted by name (as torchvision's ImageFolder does), files in name order within a class."""
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    files = [(p, label) for label, name in enumerate(classes)
+             for p in sorted((root / name).iterdir()) if p.is_file()]
+    return files, classes
+
+
 def load_image_folder(root: Path, channels: int) -> tuple[torch.Tensor, np.ndarray, list[str]]:
-    """Decode `root/<class>/*` into one uint8 tensor; classes sorted by name (as
-    torchvision's ImageFolder does), files in name order within a class."""
+    """Decode `root/<class>/*` (in `image_folder_files` order) into one uint8 tensor."""
     from torchvision.io import ImageReadMode, decode_image, read_file
 
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    files, classes = image_folder_files(root)
     if not classes:
         raise HarnessError(f"no class folders under {root}; expected {root}/<class>/<image>")
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     images, labels = [], []
-    for label, name in enumerate(classes):
-        files = sorted(p for p in (root / name).iterdir() if p.is_file())
-        for path in files:
-            try:
-                images.append(decode_image(read_file(str(path)), mode=mode))
-            except RuntimeError as exc:
-                raise HarnessError(f"cannot decode image {path}: {exc}") from exc
-            labels.append(label)
+    for path, label in files:
+        try:
+            images.append(decode_image(read_file(str(path)), mode=mode))
+        except RuntimeError as exc:
+            raise HarnessError(f"cannot decode image {path}: {exc}") from exc
+        labels.append(label)
     shapes = {tuple(im.shape) for im in images}
     if len(shapes) != 1:
         raise HarnessError(f"images under {root} differ in size ({sorted(shapes)[:3]}...); resize them first")

@@ -301,7 +301,7 @@ class Trainer:
         saved = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         saved_momentum = {id(p): st["momentum_buffer"].clone() for p, st in self.opt.state.items()
                           if st.get("momentum_buffer") is not None}
-        hook_state = getattr(self.spec.after_step, "state_tensors", lambda: [])()
+        hook_state = self._hook_state()
         hook_saved = [t.clone() for t in hook_state]
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -402,12 +402,16 @@ class Trainer:
         return loss
 
     # -- resumable state ----------------------------------------------------------------
+    def _hook_state(self) -> list[torch.Tensor]:
+        """The tensors the after-step hook mutates (WB's MaxNorm counters), if any."""
+        return getattr(self.spec.after_step, "state_tensors", lambda: [])()
+
     def state_dict(self) -> dict:
         """Everything the next epoch depends on, at an epoch boundary: weights, BatchNorm
         statistics, momentum, both random streams and the hook's counters. Plain tensors
         and lists only, so it loads with torch.load(weights_only=True)."""
         kind, keys, pos, has_gauss, gauss = self.rng.get_state()
-        hook_state = getattr(self.spec.after_step, "state_tensors", lambda: [])()
+        hook_state = self._hook_state()
         return {"epoch": self.epoch, "epoch_loss": list(self.log.epoch_loss), "steps": self.log.steps,
                 "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "generator": self.gen.get_state(),
@@ -423,7 +427,7 @@ class Trainer:
         self.gen.set_state(state["generator"])
         keys, pos, has_gauss, gauss = state["numpy_rng"]
         self.rng.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-        for t, saved in zip(getattr(self.spec.after_step, "state_tensors", lambda: [])(), state["hook"]):
+        for t, saved in zip(self._hook_state(), state["hook"]):
             t.copy_(saved)
         self.epoch = int(state["epoch"])
         self.log.epoch_loss = list(state["epoch_loss"])

@@ -9,8 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import math
-import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ from tabulate import tabulate
 
 from harness import HarnessError
 from harness.config import load_benchmarks
+from harness.formatting import fmt
 from harness.store import ClassMetric, CurvePoint, Metric, Run, Store
 
 GROUPS = ("all", "many", "medium", "few")
@@ -167,13 +166,6 @@ def build_boards(store: Store, benchmarks: str | None = None, plots: bool = True
 
 
 # ---------------------------------------------------------------- formatting
-
-def fmt(value, digits: int = 2) -> str:
-    """A number for people: None, NaN or a missing field is an em dash, never 0."""
-    if not isinstance(value, numbers.Real) or math.isnan(value):
-        return "—"
-    return f"{value:.{digits}f}"
-
 
 def fmt_mean_std(mean, std) -> str:
     return f"{fmt(mean)} ± {fmt(std)}"

@@ -87,11 +87,16 @@ class ListDatasetSpec:
                                f"{', '.join(self.lists.values())}")
         return data_root
 
+    def _list(self, data_root: Path, split: str) -> Path:
+        path = data_root / self.lists[split]
+        if not path.is_file():
+            raise HarnessError(f"{self.title}: split list {path} is missing; put {self.lists[split]} (the OLTR / "
+                               "classifier-balancing release) in --data-root")
+        return path
+
     def natural_rho(self, data_root: Path | None) -> float:
         """n_max / n_min of the release's training list (the only ratio it has)."""
-        path = self._root(data_root) / self.lists["train"]
-        if not path.is_file():
-            raise HarnessError(f"{self.title}: split list {path} is missing; put {self.lists['train']} in --data-root")
+        path = self._list(self._root(data_root), "train")
         return ratio(np.bincount([y for _, y in read_split_list(path)]))
 
     def build(self, rho, generator, val_per_class, data_root: Path | None, download: bool = False) -> FileLTData:
@@ -101,10 +106,7 @@ class ListDatasetSpec:
         digest = hashlib.sha256(str(data_root.resolve()).encode())
         splits = {}
         for split, name in self.lists.items():
-            path = data_root / name
-            if not path.is_file():
-                raise HarnessError(f"{self.title}: split list {path} is missing; put {name} (the OLTR / "
-                                   "classifier-balancing release) in --data-root")
+            path = self._list(data_root, split)
             digest.update(path.read_bytes())
             splits[split] = read_split_list(path)
             want = self.expected.get(split)
@@ -152,21 +154,17 @@ class FolderLTSpec(ListDatasetSpec):
         return "smallest class"
 
     def _tree(self, data_root: Path | None) -> dict[str, list[tuple[str, int]]]:
-        from harness.datasets import folder_layout
+        from harness.datasets import folder_layout, image_folder_files
 
         top = folder_layout(data_root)
         if top is None:
             raise HarnessError(f"folder-lt needs --data-root DIR with train/<class>/ and test/<class>/; "
                                f"none under {data_root}")
-        classes = sorted(d.name for d in (top / "train").iterdir() if d.is_dir())
-        test_classes = sorted(d.name for d in (top / "test").iterdir() if d.is_dir())
+        (train, classes), (test, test_classes) = (image_folder_files(top / split) for split in ("train", "test"))
         if not classes or classes != test_classes:
             raise HarnessError(f"train/ and test/ under {top} must hold the same, non-empty set of class folders")
-        tree = {"classes": classes, "top": top}
-        for split in ("train", "test"):
-            tree[split] = [(str(p.relative_to(top)), c) for c, name in enumerate(classes)
-                           for p in sorted((top / split / name).iterdir()) if p.is_file()]
-        return tree
+        relative = lambda files: [(str(p.relative_to(top)), c) for p, c in files]  # noqa: E731
+        return {"classes": classes, "top": top, "train": relative(train), "test": relative(test)}
 
     def natural_rho(self, data_root: Path | None) -> float:
         return ratio(np.bincount([y for _, y in self._tree(data_root)["train"]]))

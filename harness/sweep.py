@@ -76,10 +76,8 @@ def run_chain(chain: list[Planned]) -> list[tuple[Planned, str | None, list]]:
         try:
             results = execute(p.request)
             out.append((p, None, [(r.run_id, r.config.seed, r.metrics["test"]["all"]) for r in results]))
-        except HarnessError as exc:
-            out.append((p, str(exc), []))
         except Exception as exc:  # noqa: BLE001 -- one crashed job must not end the sweep; its row says failed
-            out.append((p, f"{type(exc).__name__}: {exc}", []))
+            out.append((p, str(exc) if isinstance(exc, HarnessError) else f"{type(exc).__name__}: {exc}", []))
     return out
 
 
