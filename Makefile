@@ -5,7 +5,7 @@ HARNESS := $(VENV)/bin/harness
 FMNIST  := /usr/share/datasets/fashion-mnist
 DEMO_DB ?= sqlite:///results.db
 
-.PHONY: demo test install install-dev fmnist-data clean-cache
+.PHONY: demo test wheel-check install install-dev fmnist-data clean-cache
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -40,6 +40,10 @@ demo: $(VENV)/.installed fmnist-data
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
+
+# A regular install (the wheel, not the checkout) runs from another directory (.ci/wheel-check).
+wheel-check: $(VENV)/.installed fmnist-data
+	PYTHON=$(PY) .ci/wheel-check
 
 clean-cache:
 	rm -rf .harness_cache

@@ -12,15 +12,31 @@ from pathlib import Path
 
 import torch
 
+from harness import HarnessError
+
 
 def cache_root(explicit: str | os.PathLike | None = None) -> Path:
     return Path(explicit or os.environ.get("HARNESS_CACHE") or ".harness_cache")
 
 
-def stage1_key(config: dict, loss_id: str, data_checksum: str) -> str:
+def check_cache_root(root: Path) -> Path:
+    """The cache folder, created if missing; a path that cannot be one is refused before anything runs."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HarnessError(f"cache folder {root} cannot be used ({exc.strerror}); pass --cache-dir DIR "
+                           "or set HARNESS_CACHE") from None
+    return root
+
+
+def stage1_key(config: dict, method_identity: dict, data_checksum: str) -> str:
+    """Stage 1's identity: the data, backbone, seed, stage-1 recipe, the input pipeline
+    (augmentation, normalisation) and what the method adds (loss, head, optimiser
+    groups, batch transforms). Methods that agree on all of it share a checkpoint."""
     stage1 = {k: v for k, v in config["recipe"]["stage1"].items() if k != "paper_epochs"}
     identity = {k: config[k] for k in ("dataset", "rho", "generator", "backbone", "seed", "val_per_class")}
-    identity.update(stage1=stage1, loss=loss_id, data=data_checksum)
+    identity.update(stage1=stage1, method=method_identity, data=data_checksum,
+                    inputs={k: config["recipe"].get(k) for k in ("augmentation", "normalisation")})
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import click
@@ -15,9 +16,32 @@ def parse_rho(text) -> float | str:
     if str(text) == "natural":
         return "natural"
     try:
-        return float(text)
+        rho = float(text)
     except ValueError:
-        raise HarnessError(f"--rho takes a number >= 1 or 'natural', got '{text}'") from None
+        rho = float("nan")
+    if not math.isfinite(rho) or rho < 1:
+        raise HarnessError(f"--rho takes a finite number >= 1 or 'natural', got '{text}'; pass e.g. --rho 100")
+    return rho
+
+
+class GreedyCommand(click.Command):
+    """A command whose `multiple=True` options take every value that follows them, up to the
+    next option: `--seeds 0 1 2` is `--seeds 0 --seeds 1 --seeds 2`. (click alone would take
+    one value and leave the rest as stray arguments.) Options are the tokens starting with
+    `--` and `-h`; anything else, a negative number too, is a value."""
+
+    def parse_args(self, ctx, args):
+        multi = {name for p in self.params if isinstance(p, click.Option) and p.multiple for name in p.opts}
+        expanded, current, fresh = [], None, False
+        for token in args:
+            if token.startswith("--") or token == "-h":
+                current, fresh = (token if token in multi else None), True
+            elif current is not None and not fresh:
+                expanded.append(current)  # one more value of the same option
+            else:
+                fresh = False
+            expanded.append(token)
+        return super().parse_args(ctx, expanded)
 
 
 def training_options(command):
@@ -40,11 +64,11 @@ def cli() -> None:
     """ltr-harness: train, evaluate and rank long-tailed recognition methods."""
 
 
-@cli.command()
+@cli.command(cls=GreedyCommand)
 @click.option("--method", required=True, help="Method name (`harness list methods`).")
 @click.option("--dataset", required=True, help="Dataset name (`harness list datasets`).")
 @click.option("--rho", required=True, help="Imbalance ratio n_max / n_min (>= 1), or 'natural': the dataset's own counts.")
-@click.option("--seed", "seeds", type=int, multiple=True, help="Seed(s); repeat or list: --seed 0 1 2.")
+@click.option("--seed", "--seeds", "seeds", type=int, multiple=True, help="Seed(s) [0]: --seed 0 1 2.")
 @click.option("--preset", default="paper", show_default=True, help="Recipe budget: paper or quick.")
 @click.option("--epochs", type=int, help="Override stage-1 epochs (schedule scales; recorded as a custom preset).")
 @training_options
@@ -52,13 +76,12 @@ def cli() -> None:
 @click.option("--backbone", help="Override the benchmark's backbone.")
 @click.option("--val-per-class", type=int, help="Held-out validation images per class.")
 @click.option("--benchmarks", envvar="HARNESS_BENCHMARKS", help="benchmarks.yaml to use.")
-@click.argument("more_seeds", nargs=-1, type=int)
 def run(method, dataset, rho, seeds, preset, epochs, device, data_root, download, db, generator, backbone,
-        val_per_class, cache_dir, benchmarks, no_progress, more_seeds) -> None:
+        val_per_class, cache_dir, benchmarks, no_progress) -> None:
     """Train and evaluate METHOD on DATASET; store the result and print it."""
     from harness.runner import RunRequest, execute
 
-    seed_list = list(seeds) + list(more_seeds) or [0]
+    seed_list = list(dict.fromkeys(seeds)) or [0]
     req = RunRequest(method=method, dataset=dataset, rho=parse_rho(rho), seeds=seed_list, preset=preset, epochs=epochs,
                      device=device, data_root=data_root, download=download, db=db, generator=generator,
                      backbone=backbone, val_per_class=val_per_class, cache_dir=cache_dir,
@@ -77,12 +100,13 @@ def run(method, dataset, rho, seeds, preset, epochs, device, data_root, download
                                        "stage 1 cached"], tablefmt="github", disable_numparse=True))
 
 
-@cli.command()
-@click.argument("benchmarks", required=False)
-@click.option("--methods", multiple=True, help="Methods to run [every method of each benchmark]; repeatable.")
-@click.option("--datasets", multiple=True, help="Datasets [every benchmark in the file]; repeatable.")
-@click.option("--rho", "rhos", multiple=True, help="Ratios or 'natural' [each benchmark's]; repeatable.")
-@click.option("--seeds", type=int, multiple=True, help="Seeds [0]; repeat or list: --seeds 0 1 2.")
+@cli.command(cls=GreedyCommand)
+@click.option("--benchmarks", envvar="HARNESS_BENCHMARKS", help="benchmarks.yaml whose grid to run [the installed one].")
+@click.option("--methods", "--method", "methods", multiple=True,
+              help="Methods [every method of each benchmark]: --methods ce crt.")
+@click.option("--datasets", "--dataset", "datasets", multiple=True, help="Datasets [every benchmark]: --datasets cifar10-lt.")
+@click.option("--rho", "rhos", multiple=True, help="Ratios or 'natural' [each benchmark's]: --rho 100 10.")
+@click.option("--seeds", "--seed", "seeds", type=int, multiple=True, help="Seeds [0]: --seeds 0 1 2.")
 @click.option("--preset", default="paper", show_default=True, help="Recipe budget: paper or quick.")
 @click.option("--epochs", type=int, help="Override stage-1 epochs (recorded as a custom preset).")
 @click.option("--jobs", type=int, default=1, show_default=True, help="Local worker processes (chains in parallel).")
@@ -91,23 +115,20 @@ def run(method, dataset, rho, seeds, preset, epochs, device, data_root, download
 @click.option("--address", help="Ray cluster to join (e.g. ray://host:10001); default: a local Ray instance.")
 @click.option("--dry-run", is_flag=True, help="List what would run, run nothing.")
 @training_options
-@click.argument("more_seeds", nargs=-1, type=int)
 def sweep(benchmarks, methods, datasets, rhos, seeds, preset, epochs, jobs, executor, address, dry_run, device,
-          data_root, download, db, cache_dir, no_progress, more_seeds) -> None:
-    """Run the grid of BENCHMARKS (benchmarks.yaml), skipping runs already completed."""
-    import os
-
+          data_root, download, db, cache_dir, no_progress) -> None:
+    """Run the grid of benchmarks.yaml (methods x datasets x rho x seeds), skipping runs already completed."""
     from harness.runner import RunRequest
     from harness.sweep import execute_sweep, plan
 
     if jobs < 1:
         raise HarnessError("--jobs must be >= 1")
-    seed_list = list(seeds) + list(more_seeds) or [0]
+    seed_list = list(dict.fromkeys(seeds)) or [0]
     base = RunRequest(method="", dataset="", rho=1.0, preset=preset, epochs=epochs, device=device,
-                      data_root=data_root, download=download, db=db, cache_dir=cache_dir,
-                      benchmarks=benchmarks or os.environ.get("HARNESS_BENCHMARKS"),
+                      data_root=data_root, download=download, db=db, cache_dir=cache_dir, benchmarks=benchmarks,
                       progress=not no_progress and jobs == 1 and executor == "local")
-    planned = plan(base, list(methods), list(datasets), [parse_rho(r) for r in rhos], seed_list)
+    planned = plan(base, list(dict.fromkeys(methods)), list(dict.fromkeys(datasets)),
+                   list(dict.fromkeys(parse_rho(r) for r in rhos)), seed_list)
     rows = [[p.request.method, p.request.dataset, str(p.request.rho).removesuffix(".0"), " ".join(map(str, p.request.seeds)) or "—",
              " ".join(map(str, p.skipped_seeds)) or "—"] for p in planned]
     click.echo(tabulate(rows, headers=["method", "dataset", "rho", "to run", "done already"], tablefmt="github",
@@ -146,14 +167,26 @@ def upgrade(url) -> None:
 
 
 @cli.command(name="list")
-@click.argument("what", type=click.Choice(["methods", "datasets", "runs"]))
+@click.argument("what", type=click.Choice(["methods", "datasets", "recipes", "runs"]))
 @click.option("--db", envvar="HARNESS_DB", help="SQLAlchemy URL of the results store.")
 @click.option("--names", is_flag=True, help="Names only, one per line (for scripts).")
-def list_(what: str, db: str | None, names: bool) -> None:
-    """List registered methods, datasets, or stored runs."""
+@click.option("--dataset", help="recipes: only this dataset's.")
+@click.option("--benchmarks", envvar="HARNESS_BENCHMARKS", help="recipes: the benchmarks.yaml to read.")
+def list_(what: str, db: str | None, names: bool, dataset: str | None, benchmarks: str | None) -> None:
+    """List registered methods, datasets, each dataset's recipes (with what they do not
+    follow of the official code), or stored runs."""
     from harness.registry import DATASETS, METHODS
 
-    if names and what != "runs":
+    if what == "recipes":
+        from harness.config import benchmark, load_benchmarks, recipe_rows
+
+        doc = load_benchmarks(benchmarks)
+        if dataset:
+            benchmark(doc, dataset)  # an unknown dataset fails with the known ones
+        click.echo(tabulate(recipe_rows(doc, dataset), headers=["dataset", "method", "backbone", "stage 1", "stage 2",
+                                                                "augmentation", "per rho", "not followed"],
+                            tablefmt="github", disable_numparse=True))
+    elif names and what != "runs":
         click.echo("\n".join((METHODS if what == "methods" else DATASETS).names()))
     elif what == "methods":
         rows = []
@@ -231,6 +264,9 @@ def report(db, fmt_, out, file_, benchmarks) -> None:
     from harness import report as rep
     from harness.store import Store
 
+    target = Path(out) if fmt_ in ("site", "html", "markdown") else Path(file_) if file_ else None
+    if target is not None:
+        check_writable(target, folder=fmt_ in ("site", "html", "markdown"))
     boards = rep.build_boards(Store(db), benchmarks, plots=fmt_ in ("site", "html"))
     if fmt_ in ("site", "html", "markdown"):
         written = []
@@ -249,9 +285,22 @@ def report(db, fmt_, out, file_, benchmarks) -> None:
         click.echo(text)
 
 
+def check_writable(path, folder: bool) -> None:
+    """Refuse an output path that cannot be written before anything is rendered."""
+    if folder:
+        if path.exists() and not path.is_dir():
+            raise HarnessError(f"--out {path} is a file; pass a folder for the reports")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise HarnessError(f"cannot create --out {path}: {exc.strerror}") from None
+    elif path.is_dir() or not path.parent.is_dir():
+        raise HarnessError(f"cannot write --file {path}: {'it is a folder' if path.is_dir() else 'no such folder'}")
+
+
 def main() -> None:
     try:
-        cli.main(standalone_mode=False)
+        cli.main(prog_name="harness", standalone_mode=False)
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
@@ -262,8 +311,12 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:  # one line, naming where the full usage is
+        command = exc.ctx.command_path if exc.ctx else "harness"
+        click.echo(f"error: {exc.format_message().rstrip('.')}; see `{command} --help`", err=True)
+        sys.exit(2)
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
 
 

@@ -3,43 +3,64 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from numbers import Real
+
 import yaml
 
-from harness import HarnessError
+from harness import HarnessError, schedules
 
-BENCHMARK_KEYS = {"rhos", "backbone", "metric", "generator", "val_per_class", "presets", "methods", "references"}
-TOP_KEYS = {"version", "recipes", "benchmarks", "cifar_methods"}
+AUGMENTATIONS = ("crop", "flip", "autoaugment", "cutout", "rrc", "jitter")  # '+'-joined in a recipe
+
+BENCHMARK_KEYS = {"rhos", "backbone", "metric", "generator", "val_per_class", "presets", "methods", "references",
+                  "augmentation"}
+TOP_KEYS = {"version", "recipes", "protocols", "benchmarks"}
+ANCHOR_SUFFIXES = ("_methods", "_references")  # top-level lists/maps that exist only to be aliased
 PRESET_KEYS = {"stage1_epochs", "stage2_epochs"}
 
 
 def benchmarks_path(explicit: str | os.PathLike | None = None) -> Path:
-    """--benchmarks, else $HARNESS_BENCHMARKS, else ./benchmarks.yaml, else the repository's."""
-    for candidate in (explicit, os.environ.get("HARNESS_BENCHMARKS"), "benchmarks.yaml",
-                      Path(__file__).resolve().parent.parent / "benchmarks.yaml"):
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
+    """--benchmarks (or $HARNESS_BENCHMARKS), which must exist; else ./benchmarks.yaml; else
+    the copy installed with the package (the repository's, shipped in the wheel)."""
+    given = explicit or os.environ.get("HARNESS_BENCHMARKS")
+    if given:
+        if not Path(given).is_file():
+            raise HarnessError(f"benchmarks file {given} does not exist; fix --benchmarks / HARNESS_BENCHMARKS "
+                               "or leave both out for the installed benchmarks.yaml")
+        return Path(given)
+    for candidate in (Path("benchmarks.yaml"), Path(__file__).resolve().parent / "benchmarks.yaml"):
+        if candidate.is_file():
+            return candidate
     raise HarnessError("benchmarks.yaml not found; pass --benchmarks PATH or set HARNESS_BENCHMARKS")
 
 
 def load_benchmarks(explicit: str | os.PathLike | None = None) -> dict:
     path = benchmarks_path(explicit)
     try:
-        doc = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise HarnessError(f"{path} is not a text (UTF-8) file; pass the benchmarks.yaml you meant") from None
+    except OSError as exc:
+        raise HarnessError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise HarnessError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("benchmarks"), dict):
         raise HarnessError(f"{path} has no 'benchmarks:' mapping")
-    unknown = {k for k in doc if k not in TOP_KEYS and not str(k).endswith("_methods")}  # *_methods: anchors
+    unknown = {k for k in doc if k not in TOP_KEYS and not str(k).endswith(ANCHOR_SUFFIXES)}
     if unknown:
         raise HarnessError(f"{path}: unknown top-level keys {sorted(unknown)}; known: {sorted(TOP_KEYS)}")
     for name, bench in doc["benchmarks"].items():
+        if not isinstance(bench, dict):
+            raise HarnessError(f"{path}: benchmark '{name}' must be a mapping")
         extra = set(bench) - BENCHMARK_KEYS
         if extra:
             raise HarnessError(f"{path}: benchmark '{name}' has unknown keys {sorted(extra)}; "
@@ -48,6 +69,9 @@ def load_benchmarks(explicit: str | os.PathLike | None = None) -> dict:
             bad = set(values or {}) - PRESET_KEYS
             if bad:
                 raise HarnessError(f"{path}: preset '{preset}' of '{name}' has unknown keys {sorted(bad)}")
+            for key, value in (values or {}).items():
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise HarnessError(f"{path}: preset '{preset}' of '{name}': {key} must be an integer >= 1")
     doc["_path"] = str(path)
     return doc
 
@@ -61,7 +85,8 @@ def benchmark(doc: dict, dataset: str) -> dict:
 
 
 def scale_stage(stage: dict, epochs: int) -> dict:
-    """The same recipe over `epochs` epochs: warm-up and step epochs scale proportionally."""
+    """The same recipe over `epochs` epochs: warm-up, step epochs and every `*_epoch` key
+    (DRW's start) scale proportionally."""
     out = copy.deepcopy(stage)
     base = stage["epochs"]
     if epochs == base:
@@ -69,12 +94,53 @@ def scale_stage(stage: dict, epochs: int) -> dict:
     factor = epochs / base
     out["epochs"] = epochs
     sched = out.get("schedule", {})
-    if "warmup_epochs" in sched and sched["warmup_epochs"]:
-        sched["warmup_epochs"] = max(1, round(sched["warmup_epochs"] * factor))
+    if sched.get("warmup_epochs"):
+        least = 2 if sched.get("kind") == "warmup-cosine" else 1
+        sched["warmup_epochs"] = max(least, round(sched["warmup_epochs"] * factor))
     if "steps" in sched:
         sched["steps"] = [[max(1, round(at * factor)), value] for at, value in sched["steps"]]
+    for key in [k for k in out if k.endswith("_epoch")]:
+        out[key] = max(1, round(out[key] * factor))
     out["paper_epochs"] = base
     return out
+
+
+def merged(base: dict, over: dict) -> dict:
+    """`base` with `over` laid on top, mappings merged key by key."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+STAGE_REQUIRED = {"epochs": int, "batch_size": int, "lr": Real, "momentum": Real, "weight_decay": Real,
+                  "schedule": dict}
+KIND_NAMES = {int: "an integer", Real: "a number", dict: "a mapping"}
+
+
+def check_recipe(recipe, where: str) -> None:
+    """A one-line error for a recipe the engine could not run, before anything is written."""
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("stage1"), dict):
+        raise HarnessError(f"{where}: a recipe needs a 'stage1' mapping")
+    for stage in ("stage1", "stage2"):
+        if stage not in recipe:
+            continue
+        values = recipe[stage]
+        for key, kind in STAGE_REQUIRED.items():
+            value = values.get(key) if isinstance(values, dict) else None
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise HarnessError(f"{where}: {stage}.{key} must be {KIND_NAMES[kind]}, got {value!r}")
+        if values["epochs"] < 1 or values["batch_size"] < 1 or values["lr"] <= 0 or values["weight_decay"] < 0:
+            raise HarnessError(f"{where}: {stage} needs epochs >= 1, batch_size >= 1, lr > 0 and weight_decay >= 0")
+        schedules.check(values["schedule"], f"{where}: {stage}.schedule")
+        warm = values["schedule"].get("warmup_epochs", 0)
+        if values["schedule"]["kind"] == "warmup-cosine" and warm >= values["epochs"]:
+            raise HarnessError(f"{where}: {stage} warms up for {warm} of its {values['epochs']} epochs; "
+                               "give it more epochs")
+    tokens = str(recipe.get("augmentation", "")).split("+")
+    unknown = [t for t in tokens if t and t not in AUGMENTATIONS]
+    if unknown:
+        raise HarnessError(f"{where}: unknown augmentation {unknown}; known: {', '.join(AUGMENTATIONS)}")
 
 
 @dataclass(frozen=True)
@@ -98,22 +164,39 @@ class RunConfig:
 
 def resolve(doc: dict, *, method: str, dataset: str, rho: float, seed: int, preset: str,
             epochs: int | None = None, generator: str | None = None, backbone: str | None = None,
-            val_per_class: int | None = None, method_default_recipe: dict | None = None) -> RunConfig:
+            val_per_class: int | None = None, method_default_recipe: dict | None = None,
+            default_augmentation: str = "crop+flip") -> RunConfig:
+    """The full configuration of one run: the benchmark's recipe for the method, its
+    `by_rho` overrides for this ratio, the preset's budget, and the command line's
+    choices. A method with no recipe on the benchmark takes CE's, and says so in the
+    recipe's `deviations` (stored with the run, shown by `harness list recipes`)."""
     bench = benchmark(doc, dataset)
     presets = bench.get("presets") or {"paper": {}}
     if preset not in presets:
         raise HarnessError(f"unknown preset '{preset}' for {dataset}; known presets: {', '.join(presets)}")
-    if rho < 1:
-        raise HarnessError(f"imbalance ratio rho must be >= 1, got {rho}; pass e.g. --rho 100")
-    if seed < 0:
-        raise HarnessError(f"seed must be >= 0, got {seed}")
+    if not math.isfinite(rho) or rho < 1:
+        raise HarnessError(f"imbalance ratio rho must be a finite number >= 1, got {rho}; pass e.g. --rho 100")
+    if not 0 <= seed < 2**32:
+        raise HarnessError(f"seed must be >= 0 and < 2**32, got {seed}")
     if epochs is not None and epochs < 1:
         raise HarnessError(f"--epochs must be >= 1, got {epochs}")
+    if val_per_class is not None and val_per_class < 0:
+        raise HarnessError(f"--val-per-class must be >= 0, got {val_per_class}")
     methods = bench.get("methods") or {}
-    recipe = methods.get(method) or method_default_recipe or methods.get("ce")
+    recipe, fallback = methods.get(method) or method_default_recipe, []
+    if recipe is None:
+        recipe = methods.get("ce")
+        fallback = [f"no recipe for '{method}' on {dataset}: CE's recipe is used"]
     if recipe is None:
         raise HarnessError(f"no recipe for method '{method}' on {dataset} in {doc['_path']}")
     recipe = copy.deepcopy(recipe)
+    by_rho = recipe.pop("by_rho", None) or {}
+    recipe = merged(recipe, by_rho.get(rho) or {})
+    recipe.setdefault("augmentation", bench.get("augmentation", default_augmentation))
+    if fallback:
+        recipe["deviations"] = recipe.get("deviations", []) + fallback
+    recipe_backbone = recipe.pop("backbone", None)
+    check_recipe(recipe, f"{doc['_path']}: {dataset} / {method}")
     scale = presets[preset] or {}
     preset_epochs = scale.get("stage1_epochs") or recipe["stage1"]["epochs"]
     s1 = epochs or scale.get("stage1_epochs")
@@ -121,12 +204,51 @@ def resolve(doc: dict, *, method: str, dataset: str, rho: float, seed: int, pres
         recipe["stage1"] = scale_stage(recipe["stage1"], s1)
     if "stage2" in recipe and scale.get("stage2_epochs"):
         recipe["stage2"] = scale_stage(recipe["stage2"], scale["stage2_epochs"])
+    check_recipe(recipe, f"{dataset} / {method} at {recipe['stage1']['epochs']} epochs")
     if epochs and epochs != preset_epochs:
         preset = f"{preset}-e{epochs}"  # a custom budget is its own board, never ranked with the preset
     return RunConfig(
         method=method, dataset=dataset, rho=float(rho), seed=int(seed), preset=preset,
         generator=generator or bench.get("generator", "ldam"),
-        backbone=backbone or bench["backbone"],
+        backbone=backbone or recipe_backbone or bench["backbone"],
         val_per_class=int(bench.get("val_per_class", 20) if val_per_class is None else val_per_class),
         recipe=recipe,
     )
+
+
+def describe_stage(stage: dict | None) -> str:
+    """One line for a stage: '200 ep, batch 128, lr 0.1, wd 0.0002, warmup-step'."""
+    if not stage:
+        return "—"
+    schedule = stage.get("schedule", {})
+    kind = schedule.get("kind", "?") + (f" ({schedule['step_at']})" if "step_at" in schedule else "")
+    extra = [f"{k} {stage[k]}" for k in ("epoch_steps", "train_only") if k in stage]
+    return ", ".join([f"{stage.get('epochs')} ep", f"batch {stage.get('batch_size')}", f"lr {stage.get('lr')}",
+                      f"wd {stage.get('weight_decay')}", kind, *extra])
+
+
+def recipe_rows(doc: dict, dataset: str | None = None) -> list[list[str]]:
+    """Every (dataset, method) recipe of benchmarks.yaml, with what it does not follow of the
+    official code (`deviations`) and its per-ratio overrides."""
+    rows = []
+    for name, bench in doc["benchmarks"].items():
+        if dataset and name != dataset:
+            continue
+        for method, recipe in (bench.get("methods") or {}).items():
+            per_rho = "; ".join(f"{rho}: " + ", ".join(f"{k} {v}" for k, v in sorted(flat(over).items()))
+                                for rho, over in (recipe.get("by_rho") or {}).items())
+            rows.append([name, method, recipe.get("backbone", bench.get("backbone", "")),
+                         describe_stage(recipe.get("stage1")), describe_stage(recipe.get("stage2")),
+                         recipe.get("augmentation", bench.get("augmentation", "dataset default")),
+                         per_rho or "—", "; ".join(recipe.get("deviations", [])) or "—"])
+    return rows
+
+
+def flat(mapping: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

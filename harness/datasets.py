@@ -46,13 +46,29 @@ class DatasetSpec:
     backbone: str
     loader: Callable[["DatasetSpec", Path | None, bool], RawSplits]
     source: str
+    augmentation: str = "crop+flip"   # the default; a recipe may name its own
 
     natural_rho = None  # these datasets are cut to any rho from balanced sources
 
-    def device_data(self, data: LTData, device):
+    def check_rho(self, rho: float) -> None:
+        """Refuse a profile that would leave a class without a training image."""
+        if min(lt_counts(self.n_max, self.num_classes, rho)) < 1:  # the tail keeps int(n_max / rho)
+            raise HarnessError(f"rho {rho:g} leaves the tail classes of {self.name} without a training image; "
+                               f"the largest rho it allows is {self.n_max} (its n_max)")
+
+    def device_data(self, data: LTData, device, recipe: dict | None = None):
+        """The data on the device, with the recipe's augmentation (crop, flip) and normalisation."""
         from harness.engine import DeviceData
 
-        return DeviceData(data, self.mean, self.std, self.crop_padding, self.flip, device)
+        recipe = recipe or {}
+        tokens = recipe.get("augmentation", self.augmentation).split("+")
+        streamed_only = [t for t in tokens if t in ("rrc", "jitter")]
+        if streamed_only:
+            raise HarnessError(f"augmentation {'+'.join(streamed_only)} is for streamed datasets; {self.name} "
+                               "takes crop, flip, autoaugment and cutout")
+        mean, std = normalisation(recipe, self.mean, self.std, self.channels, self.name)
+        return DeviceData(data, mean, std, self.crop_padding if "crop" in tokens else 0,
+                          self.flip and "flip" in tokens, device)
 
     def build(self, rho: float, generator: str, val_per_class: int,
               data_root: Path | None, download: bool = False) -> LTData:
@@ -75,6 +91,20 @@ class DatasetSpec:
             test_y=torch.from_numpy(np.asarray(raw.test_y)).long(),
             train_counts=counts,
         )
+
+
+def normalisation(recipe: dict, mean, std, channels: int, name: str) -> tuple[tuple, tuple]:
+    """The recipe's `normalisation: {mean, std}` (a number or one per channel), else the dataset's."""
+    given = recipe.get("normalisation") or {}
+    out = []
+    for key, default in (("mean", mean), ("std", std)):
+        value = given.get(key, default)
+        values = tuple(value) if isinstance(value, (list, tuple)) else (value,) * channels
+        if len(values) != channels or not all(isinstance(v, (int, float)) for v in values) or \
+                (key == "std" and min(values) <= 0):
+            raise HarnessError(f"normalisation {key} {value!r} does not fit the {channels} channel(s) of {name}")
+        out.append(values)
+    return out[0], out[1]
 
 
 def check_shapes(spec: DatasetSpec, raw: RawSplits) -> None:

@@ -2,8 +2,9 @@
 
 Images live as uint8 tensors on the device (pre-padded once for the crop);
 each step gathers a batch, crops and flips it per sample with one indexed
-gather, normalises it and runs the model. The host is read once per epoch
-(the epoch's mean loss), never per step.
+gather, applies the batch transforms (AutoAugment, Cutout, mixup), normalises
+it and runs the model. The host is read once per epoch (the epoch's mean
+loss), never per step.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -20,11 +21,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness import HarnessError
+from harness import schedules
+from harness.augment import BatchTransform
 from harness.checkpoints import load_epoch_checkpoint, save_epoch_checkpoint
 from harness.data import LTData
 from harness.distributed import all_reduce_sum, is_main, shard_positions, world
+from harness.samplers import ClassAwareSampler, epoch_samples
 
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+# (logits, features, target, 0-based epoch as a 0-dim device tensor) -> loss; the target is the
+# labels, or whatever the batch transforms made of them (mixup: (y_a, y_b, λ))
+LossFn = Callable[[torch.Tensor, torch.Tensor, Any, torch.Tensor], torch.Tensor]
 
 
 def cross_entropy(logits: torch.Tensor, feats: torch.Tensor, target: torch.Tensor, epoch) -> torch.Tensor:
@@ -56,7 +62,9 @@ def device_name(device: torch.device) -> str:
 # ---------------------------------------------------------------- data on the device
 
 class DeviceData:
-    """The run's tensors on the device plus the batched augmentation."""
+    """The run's tensors on the device plus the batched crop and flip."""
+
+    streamed = False
 
     def __init__(self, data: LTData, mean, std, padding: int, flip: bool, device: torch.device):
         self.device = device
@@ -64,15 +72,16 @@ class DeviceData:
         self.padding = padding
         self.flip = flip
         p = padding
-        self.train_pad = F.pad(data.train_x, (p, p, p, p)).to(device)  # zero padding, as RandomCrop(padding)
+        self.train_x = data.train_x.to(device)
+        self.train_pad = F.pad(self.train_x, (p, p, p, p))  # zero padding, as RandomCrop(padding)
         self.train_y = data.train_y.to(device)
         self.val_x, self.val_y = data.val_x.to(device), data.val_y.to(device)
         self.test_x, self.test_y = data.test_x.to(device), data.test_y.to(device)
         self.size = data.train_x.shape[-1]
         c = data.train_x.shape[1]
-        std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, c, 1, 1)
-        mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, c, 1, 1)
-        # (x/255 - mean)/std as one multiply-add
+        std_t = torch.tensor(std, dtype=torch.float32, device=device).expand(c).reshape(1, c, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=device).expand(c).reshape(1, c, 1, 1)
+        # (x/255 - mean)/std as one multiply-add on 0-255 pixels
         self.scale = 1.0 / (255.0 * std_t)
         self.shift = -mean_t / std_t
         self.channel_idx = torch.arange(c, device=device).view(1, c, 1, 1)
@@ -83,97 +92,38 @@ class DeviceData:
     def n_train(self) -> int:
         return int(self.train_y.shape[0])
 
-    def normalise(self, x_uint8: torch.Tensor) -> torch.Tensor:
-        x = x_uint8.float() * self.scale + self.shift
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.float() * self.scale + self.shift
         return x.contiguous(memory_format=torch.channels_last)
 
-    def draw_augment(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def draw_augment(self, n: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
         """Crop offsets and flips for n samples (RandomCrop(padding) + RandomHorizontalFlip)."""
         p = self.padding
         oy = torch.randint(0, 2 * p + 1, (n,), device=self.device, generator=gen)
         ox = torch.randint(0, 2 * p + 1, (n,), device=self.device, generator=gen)
         flip = torch.rand((n,), device=self.device, generator=gen) < 0.5
-        return oy, ox, flip & self.flip
+        return {"oy": oy, "ox": ox, "flip": flip & self.flip}
 
-    def augment(self, idx, oy, ox, flip) -> torch.Tensor:
-        """Crop (zero padding) + horizontal flip per sample, done as one gather."""
+    def crop_flip(self, idx, oy, ox, flip) -> torch.Tensor:
+        """Crop (zero padding) + horizontal flip per sample, done as one gather: float 0-255 pixels."""
         b, s = idx.shape[0], self.size
         rows = oy.view(b, 1) + self.arange
         cols = torch.where(flip.view(b, 1), ox.view(b, 1) + (s - 1 - self.arange), ox.view(b, 1) + self.arange)
         x = self.train_pad[idx.view(b, 1, 1, 1), self.channel_idx, rows.view(b, 1, s, 1), cols.view(b, 1, 1, s)]
-        return self.normalise(x)
+        return x.float()
 
     def train_batch(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        return self.augment(idx, *self.draw_augment(idx.shape[0], gen))
+        drawn = self.draw_augment(idx.shape[0], gen)
+        return self.normalise(self.crop_flip(idx, drawn["oy"], drawn["ox"], drawn["flip"]))
 
     def labels(self, split: str) -> torch.Tensor:
-        return {"val": self.val_y, "test": self.test_y}[split]
+        return {"train": self.train_y, "val": self.val_y, "test": self.test_y}[split]
 
     def eval_batches(self, split: str, batch: int = 1024):
-        """Normalised, un-augmented images of `split` ("val" or "test"), in order."""
-        x = {"val": self.val_x, "test": self.test_x}[split]
+        """Normalised, un-augmented images of `split` ("train", "val" or "test"), in order."""
+        x = {"train": self.train_x, "val": self.val_x, "test": self.test_x}[split]
         for start in range(0, x.shape[0], batch):
             yield self.normalise(x[start:start + batch])
-
-
-# ---------------------------------------------------------------- samplers
-
-def instance_order(n: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
-    return torch.randperm(n, generator=gen, device=device)
-
-
-def class_aware_order(labels: np.ndarray, rng: np.random.RandomState, per_draw: int = 4,
-                      num_samples: int | None = None) -> np.ndarray:
-    """Decoupling's class-aware sampler: cycle through the classes in shuffled order
-    (uniform class frequency), and for each class draw `per_draw` images from that
-    class's own shuffled cycle. One epoch is max_c n_c * C samples, as in the
-    official code. Returns the index sequence, groups of `per_draw` of one class."""
-    labels = np.asarray(labels)
-    num_classes = int(labels.max()) + 1
-    by_class = [np.where(labels == c)[0] for c in range(num_classes)]
-    if num_samples is None:
-        num_samples = max(len(ix) for ix in by_class) * num_classes
-    n_draws = math.ceil(num_samples / per_draw)
-    classes = np.concatenate([rng.permutation(num_classes) for _ in range(math.ceil(n_draws / num_classes))])[:n_draws]
-    draws_per_class = np.bincount(classes, minlength=num_classes)
-    streams = []
-    for c, ix in enumerate(by_class):
-        need = draws_per_class[c] * per_draw
-        reps = math.ceil(need / len(ix)) if need else 0
-        streams.append(np.concatenate([rng.permutation(ix) for _ in range(reps)])[:need] if reps else ix[:0])
-    cursor = np.zeros(num_classes, dtype=np.int64)
-    out = np.empty(n_draws * per_draw, dtype=np.int64)
-    for d, c in enumerate(classes):
-        out[d * per_draw:(d + 1) * per_draw] = streams[c][cursor[c]:cursor[c] + per_draw]
-        cursor[c] += per_draw
-    return out[:num_samples]
-
-
-# ---------------------------------------------------------------- schedules
-
-def lr_factor(schedule: dict, epoch: int, epochs: int) -> float:
-    """Learning-rate multiplier for a 0-based epoch.
-
-    warmup-step (LDAM-DRW): linear warm-up (e+1)/w over the first w epochs, then
-    the factor of the last step whose epoch has been reached (factors are absolute,
-    not cumulative). cosine: 0.5 (1 + cos(pi e / E)), stepped per epoch as
-    torch's CosineAnnealingLR(T_max=E, eta_min=0).
-    """
-    kind = schedule.get("kind")
-    if kind == "warmup-step":
-        warm = schedule.get("warmup_epochs", 0)
-        if epoch < warm:
-            return (epoch + 1) / warm
-        factor = 1.0
-        for at, value in schedule.get("steps", []):
-            if epoch >= at:
-                factor = value
-        return factor
-    if kind == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
-    if kind == "constant":
-        return 1.0
-    raise HarnessError(f"unknown lr schedule '{kind}'; known: warmup-step, cosine, constant")
 
 
 # ---------------------------------------------------------------- training
@@ -187,18 +137,25 @@ class TrainSpec:
     weight_decay: float
     schedule: dict
     sampler: str = "instance"            # or "class_aware"
+    per_class: int = 4                   # class-aware: images per class draw
+    shuffle_batch: bool = False          # class-aware: permute each batch (Decoupling's `shuffle: true`)
+    epoch_steps: str | None = None       # harness.samplers.epoch_samples; None: all (instance), floor (class-aware)
     loss: LossFn = cross_entropy         # (logits, feats, target, epoch as a 0-dim device tensor)
-    params: list[nn.Parameter] | None = None  # None: every parameter of the model
+    # None: every parameter of the model; else parameters, or groups {"params", "lr_scale", "weight_decay"}
+    params: list | None = None
     frozen_backbone: bool = False        # features computed without gradients
     bn_mode: str = "train"               # BatchNorm mode of a frozen backbone
     after_step: Callable[[], None] | None = None  # tensor ops only (it is captured in the CUDA graph)
+    transforms: list[BatchTransform] = field(default_factory=list)  # per-step batch work, in order
     nesterov: bool = False
     cuda_graphs: bool = True             # capture the step on CUDA; eager elsewhere
 
+    RECIPE_KEYS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "nesterov", "per_class",
+                   "shuffle_batch", "epoch_steps")
+
     @classmethod
     def from_recipe(cls, recipe: dict, **kw) -> "TrainSpec":
-        keys = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "nesterov")
-        return cls(**{k: recipe[k] for k in keys if k in recipe}, **kw)
+        return cls(**{k: recipe[k] for k in cls.RECIPE_KEYS if k in recipe}, **kw)
 
 
 @dataclass
@@ -211,16 +168,32 @@ class TrainLog:
 
 def autocast_for(device: torch.device):
     # bf16 autocast on CUDA (BatchNorm stays fp32 under autocast); CPU runs fp32,
-    # where bf16 measured slower on the 2-core machines.
+    # where bf16 measured slower on the 2-core machines. Inside a captured region the
+    # autocast cache must be off (the graph keeps its own copies).
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
     return torch.autocast("cpu", enabled=False)
 
 
-def make_optimizer(params, spec: TrainSpec, device: torch.device, lr=None) -> torch.optim.SGD:
+def param_groups(spec: TrainSpec, model: nn.Module) -> list[dict]:
+    """The spec's parameters as optimiser groups, each with its learning-rate scale."""
+    params = list(spec.params) if spec.params is not None else list(model.parameters())
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    return [{"lr_scale": 1.0, **g, "params": list(g["params"])} for g in groups]
+
+
+def make_optimizer(groups, spec: TrainSpec, device: torch.device, lr_tensors: bool = False) -> torch.optim.SGD:
+    """SGD over `groups`; with `lr_tensors` each group's learning rate is a device tensor
+    that a captured step updates in place."""
+    groups = list(groups)
+    if groups and not isinstance(groups[0], dict):
+        groups = [{"params": groups, "lr_scale": 1.0}]
+    for g in groups:
+        lr = spec.lr * g.get("lr_scale", 1.0)
+        g["lr"] = torch.tensor(lr, device=device) if lr_tensors else lr
     extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.SGD(params, lr=spec.lr if lr is None else lr, momentum=spec.momentum,
-                           weight_decay=spec.weight_decay, nesterov=spec.nesterov, **extra)
+    return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay,
+                           nesterov=spec.nesterov, **extra)
 
 
 def graphs_wanted(spec: TrainSpec, device: torch.device) -> bool:
@@ -230,20 +203,24 @@ def graphs_wanted(spec: TrainSpec, device: torch.device) -> bool:
 class Trainer:
     """Trains one model by one spec, epoch by epoch.
 
-    Each epoch draws its sample order and its augmentation (crop offsets, flips) up
-    front on the device; a step only indexes them. On CUDA the full-batch step is
-    captured once as a CUDA graph that reads the epoch's buffers at a device-side
-    step counter, so an epoch is one `replay()` per step and one host read at the
-    end; the learning rate and the epoch number live in device tensors. The last,
-    smaller batch runs eagerly. The math is the same on every path.
+    Each epoch draws its sample order, its augmentation (crop offsets, flips) and the
+    randomness of every batch transform up front, one row per sample, plus the learning
+    rate of every step; a step only indexes them. On CUDA the full-batch step is
+    captured once as a CUDA graph that reads the epoch's buffers at a device-side step
+    counter, so an epoch is one `replay()` per step and one host read at the end; the
+    learning rates and the epoch number live in device tensors. The last, smaller batch
+    runs eagerly. The math is the same on every path.
     """
 
     def __init__(self, model, data: DeviceData, spec: TrainSpec, seed: int):
+        schedules.check(spec.schedule)
         self.model, self.data, self.spec = model, data, spec
         self.device = data.device
-        self.params = list(spec.params) if spec.params is not None else list(model.parameters())
         # streamed data (files decoded by a DataLoader) arrive in fresh host batches: eager steps
         self.streamed = getattr(data, "streamed", False)
+        if self.streamed and any(t.pixels_only for t in spec.transforms):
+            names = ", ".join(t.name for t in spec.transforms if t.pixels_only)
+            raise HarnessError(f"{names} needs device-resident images; streamed datasets support mixup only")
         self.distributed = world()[1] > 1
         self.use_graph = graphs_wanted(spec, self.device) and not (self.streamed or self.distributed)
         self.batch = spec.batch_size  # this process's share of a global batch under torchrun
@@ -253,51 +230,67 @@ class Trainer:
 
             self.forward = DistributedDataParallel(
                 self.forward, find_unused_parameters=spec.params is not None or spec.frozen_backbone)
-        self.lr_t = torch.tensor(spec.lr, device=self.device) if self.use_graph else None
-        self.opt = make_optimizer(self.params, spec, self.device, self.lr_t)
+        self.opt = make_optimizer(param_groups(spec, model), spec, self.device, lr_tensors=self.use_graph)
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
         self.rng = np.random.RandomState(seed)
-        self.labels_np = data.train_y.cpu().numpy() if spec.sampler == "class_aware" else None
         if spec.sampler not in ("instance", "class_aware"):
             raise HarnessError(f"unknown sampler '{spec.sampler}'; known: instance, class_aware")
+        self.sampler = ClassAwareSampler(data.train_y.cpu().numpy(), spec.per_class, self.rng, spec.shuffle_batch) \
+            if spec.sampler == "class_aware" else None
+        default_steps = "floor" if self.sampler is not None else "all"
+        self.samples = epoch_samples(spec.epoch_steps or default_steps, data.n_train, spec.batch_size, spec.sampler)
         self.epoch_t = torch.zeros((), device=self.device)
         self.loss_sum = torch.zeros((), device=self.device)
         self.step_t = torch.zeros((), dtype=torch.long, device=self.device)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.graph = None
+        self.buffers: dict[str, torch.Tensor] = {}
         self.log = TrainLog()
         self.epoch = 0
 
     # -- one step, tensor ops only ------------------------------------------------
-    def _step(self, idx, oy, ox, flip, zero_grad: bool = True) -> None:
-        self._update(self.data.augment(idx, oy, ox, flip), self.data.train_y[idx], zero_grad)
+    def _inputs(self, drawn: dict[str, torch.Tensor]):
+        """The batch's model inputs and target: crop and flip, the batch transforms, normalisation."""
+        if self.streamed:
+            x, target = next(self.batches)
+        else:
+            idx = drawn["idx"]
+            x, target = self.data.crop_flip(idx, drawn["oy"], drawn["ox"], drawn["flip"]), self.data.train_y[idx]
+        for i, t in enumerate(self.spec.transforms):
+            prefix = f"t{i}."
+            x, target = t.apply(x, target, {k[len(prefix):]: v for k, v in drawn.items() if k.startswith(prefix)})
+        return (x if self.streamed else self.data.normalise(x)), target
 
-    def _update(self, x, y, zero_grad: bool = True) -> None:
+    def _update(self, drawn: dict[str, torch.Tensor], zero_grad: bool = True) -> None:
         spec = self.spec
+        x, target = self._inputs(drawn)
         with autocast_for(self.device):
             logits, feats = self.forward(x)
-        loss = spec.loss(logits.float(), feats.float(), y, self.epoch_t)
+        loss = spec.loss(logits.float(), feats.float(), target, self.epoch_t)
         if zero_grad:
             self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         if spec.after_step is not None:
             spec.after_step()
-        self.loss_sum += loss.detach() * y.shape[0]
+        self.loss_sum += loss.detach() * x.shape[0]
 
     def _graph_step(self) -> None:
         i = self.step_t.view(1)  # a device-side index: no host sync inside the graph
-        pick = lambda buf: buf.index_select(0, i).squeeze(0)  # noqa: E731
-        self._step(pick(self.ep_idx), pick(self.ep_oy), pick(self.ep_ox), pick(self.ep_flip), zero_grad=False)
+        lr = self.buffers["lr"].index_select(0, i).squeeze(0)
+        for group in self.opt.param_groups:
+            group["lr"].copy_(lr * group["lr_scale"])
+        self._update({k: v.index_select(0, i).squeeze(0) for k, v in self.buffers.items() if k != "lr"},
+                     zero_grad=False)
         self.step_t += 1
 
-    def _capture(self, steps: int) -> None:
-        """Warm up on a side stream, restore every state the warm-up touched, capture."""
-        b = self.spec.batch_size
-        self.ep_idx = torch.zeros((steps, b), dtype=torch.long, device=self.device)
-        self.ep_oy = torch.zeros((steps, b), dtype=torch.long, device=self.device)
-        self.ep_ox = torch.zeros((steps, b), dtype=torch.long, device=self.device)
-        self.ep_flip = torch.zeros((steps, b), dtype=torch.bool, device=self.device)
+    def _capture(self, steps: int, drawn: dict[str, torch.Tensor]) -> None:
+        """Allocate the epoch buffers, warm up on a side stream, restore every state the
+        warm-up touched, capture."""
+        b = self.batch
+        self.buffers = {k: torch.zeros((steps, b, *v.shape[1:]), dtype=v.dtype, device=self.device)
+                        for k, v in drawn.items()}
+        self.buffers["lr"] = torch.zeros(steps, device=self.device)
         saved = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         saved_momentum = {id(p): st["momentum_buffer"].clone() for p, st in self.opt.state.items()
                           if st.get("momentum_buffer") is not None}
@@ -307,8 +300,7 @@ class Trainer:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(3):
-                self.step_t.zero_()
-                self._step(self.ep_idx[0], self.ep_oy[0], self.ep_ox[0], self.ep_flip[0])
+                self._update({k: v[0] for k, v in self.buffers.items() if k != "lr"})
         torch.cuda.current_stream(self.device).wait_stream(side)
         with torch.no_grad():
             for k, v in self.model.state_dict().items():
@@ -331,49 +323,54 @@ class Trainer:
         self.graph = graph
 
     # -- epochs ---------------------------------------------------------------------
-    def _draw(self) -> tuple[torch.Tensor, ...]:
-        if self.spec.sampler == "class_aware":
-            order = torch.from_numpy(class_aware_order(self.labels_np, self.rng)).to(self.device)
-        else:
-            order = instance_order(self.data.n_train, self.gen, self.device)
+    def _draw(self) -> dict[str, torch.Tensor]:
+        """The epoch's per-sample draws: sample order, augmentation, transform randomness."""
+        spec = self.spec
+        if self.sampler is not None:
+            order = torch.from_numpy(self.sampler.draw(self.samples, spec.batch_size)).to(self.device)
+        else:  # a permutation; `floor` epochs drop the images past the last full batch
+            order = torch.randperm(self.data.n_train, generator=self.gen, device=self.device)[:self.samples]
+        n = order.shape[0]
+        drawn = {"idx": order}
+        if not self.streamed:
+            drawn.update(self.data.draw_augment(n, self.gen))
+        for i, t in enumerate(spec.transforms):
+            drawn.update({f"t{i}.{k}": v for k, v in t.draw(n, self.gen, self.rng, self.device).items()})
         # every process draws the same global epoch, then keeps its share of each batch
-        positions, self.batch = shard_positions(order.shape[0], self.spec.batch_size, self.device)
+        positions, self.batch = shard_positions(n, spec.batch_size, self.device)
+        if self.distributed:
+            drawn = {k: v[positions] for k, v in drawn.items()}
         if self.streamed:  # the loader's workers draw the augmentation, seeded from this generator
             seed = int(torch.randint(0, 2**62, (1,), device=self.device, generator=self.gen))
-            self.batches = iter(self.data.train_batches(order[positions].cpu(), self.batch, seed))
-            return order[positions], None, None, None
-        drawn = (order, *self.data.draw_augment(order.shape[0], self.gen))
-        return tuple(t[positions] for t in drawn) if self.distributed else drawn
+            self.batches = iter(self.data.train_batches(drawn["idx"].cpu(), self.batch, seed))
+        return drawn
 
     def begin_epoch(self) -> None:
         spec, epoch = self.spec, self.epoch
-        lr = spec.lr * lr_factor(spec.schedule, epoch, spec.epochs)
-        if self.lr_t is not None:
-            self.lr_t.fill_(lr)
-        else:
-            for group in self.opt.param_groups:
-                group["lr"] = lr
         self.epoch_t.fill_(float(epoch))
         self.loss_sum.zero_()
-        self.order, self.oy, self.ox, self.flip = self._draw()
-        n, b = self.order.shape[0], self.batch
+        self.drawn = self._draw()
+        n, b = self.drawn["idx"].shape[0], self.batch
         self.full_steps, self.n = n // b, n
+        self.lrs = spec.lr * schedules.factors(spec.schedule, epoch, spec.epochs, self.steps_in_epoch(),
+                                               spec.batch_size, self.data.n_train)
         self.cursor = 0
         if self.use_graph and self.full_steps > 0:
-            if self.graph is None or self.ep_idx.shape[0] < self.full_steps:
+            if self.graph is None or self.buffers["lr"].shape[0] < self.full_steps:
                 try:
-                    self._capture(self.full_steps)
+                    self._capture(self.full_steps, self.drawn)
                     self.log.graph = "cuda-graph"
                 except Exception as exc:  # capture can fail on exotic ops: train eagerly instead
                     warnings.warn(f"CUDA graph capture failed, training eagerly: {type(exc).__name__}: {exc}")
-                    self.use_graph, self.graph = False, None
+                    self.use_graph, self.graph, self.buffers = False, None, {}
                     self.log.graph = f"eager ({type(exc).__name__} during capture)"
+                    for group in self.opt.param_groups:
+                        group["lr"] = float(group["lr"])
                     return self.begin_epoch()
             m = self.full_steps * b
-            self.ep_idx[:self.full_steps].copy_(self.order[:m].view(-1, b))
-            self.ep_oy[:self.full_steps].copy_(self.oy[:m].view(-1, b))
-            self.ep_ox[:self.full_steps].copy_(self.ox[:m].view(-1, b))
-            self.ep_flip[:self.full_steps].copy_(self.flip[:m].view(-1, b))
+            for k, v in self.drawn.items():
+                self.buffers[k][:self.full_steps].copy_(v[:m].view(self.full_steps, b, *v.shape[1:]))
+            self.buffers["lr"][:self.full_steps].copy_(torch.as_tensor(self.lrs[:self.full_steps]))
             self.step_t.zero_()
 
     def steps_in_epoch(self) -> int:
@@ -382,13 +379,17 @@ class Trainer:
     def step(self) -> None:
         """The next step of the current epoch."""
         b, start = self.batch, self.cursor
-        if self.streamed:
-            self._update(*next(self.batches))
-        elif self.graph is not None and start // b < self.full_steps:
+        k = start // b
+        if self.graph is not None and k < self.full_steps:
             self.graph.replay()
         else:
-            sl = slice(start, start + b)
-            self._step(self.order[sl], self.oy[sl], self.ox[sl], self.flip[sl])
+            for group in self.opt.param_groups:
+                lr = float(self.lrs[k]) * group["lr_scale"]
+                if isinstance(group["lr"], torch.Tensor):
+                    group["lr"].fill_(lr)
+                else:
+                    group["lr"] = lr
+            self._update({key: v[start:start + b] for key, v in self.drawn.items()})
         self.cursor += b
         self.log.steps += 1
 
@@ -408,25 +409,28 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """Everything the next epoch depends on, at an epoch boundary: weights, BatchNorm
-        statistics, momentum, both random streams and the hook's counters. Plain tensors
-        and lists only, so it loads with torch.load(weights_only=True)."""
+        statistics, momentum, both random streams, the class-aware sampler's cycles and the
+        hook's counters. Plain tensors and lists only, so it loads with
+        torch.load(weights_only=True)."""
         kind, keys, pos, has_gauss, gauss = self.rng.get_state()
-        hook_state = self._hook_state()
         return {"epoch": self.epoch, "epoch_loss": list(self.log.epoch_loss), "steps": self.log.steps,
                 "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "generator": self.gen.get_state(),
                 "numpy_rng": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
-                "hook": [t.detach().clone() for t in hook_state]}
+                "sampler": self.sampler.state_dict() if self.sampler is not None else {},
+                "hook": [t.detach().clone() for t in self._hook_state()]}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
+        lr_tensors = [g["lr"] for g in self.opt.param_groups]
         self.opt.load_state_dict(state["optimizer"])
-        if self.lr_t is not None:  # the captured graph reads the lr from this very tensor
-            for group in self.opt.param_groups:
-                group["lr"] = self.lr_t
+        for group, lr in zip(self.opt.param_groups, lr_tensors):
+            group["lr"] = lr  # a captured graph reads each group's lr from this very tensor
         self.gen.set_state(state["generator"])
         keys, pos, has_gauss, gauss = state["numpy_rng"]
         self.rng.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        if self.sampler is not None and state.get("sampler"):
+            self.sampler.load_state_dict(state["sampler"])
         for t, saved in zip(self._hook_state(), state["hook"]):
             t.copy_(saved)
         self.epoch = int(state["epoch"])
@@ -456,13 +460,15 @@ class _Forward(nn.Module):
         return self.model.fc(feats), feats
 
 
-def fit_many(trainers: list[Trainer], progress=None, checkpoints: list | None = None) -> list[TrainLog]:
+def fit_many(trainers: list[Trainer], progress=None, checkpoints: list | None = None, label: str = "training",
+             announce=None) -> list[TrainLog]:
     """Train several models together, interleaved step by step; on CUDA each trainer
     issues its work on its own stream, so independent runs overlap on one GPU.
     Every trainer's math is exactly what it would be alone.
 
     `checkpoints`, one path (or None) per trainer: each trainer first resumes from
-    the last good epoch checkpoint there, and writes one after every epoch."""
+    the last good epoch checkpoint there (saying so through `announce(line)`), and
+    writes one after every epoch."""
     if not trainers:
         return []
     epochs = trainers[0].spec.epochs
@@ -475,6 +481,9 @@ def fit_many(trainers: list[Trainer], progress=None, checkpoints: list | None = 
             if state is not None:
                 t.load_state_dict(state)
                 t.log.resumed_from = t.epoch
+                if announce is not None:
+                    announce(f"resuming {label} at epoch {t.epoch + 1} of {epochs} "
+                             f"({t.epoch} done; checkpoint {path})")
         t.mode()
         if t.stream is not None:
             t.stream.wait_stream(torch.cuda.current_stream(t.device))
@@ -503,9 +512,10 @@ def fit_many(trainers: list[Trainer], progress=None, checkpoints: list | None = 
     return [t.log for t in trainers]
 
 
-def train(model, data: DeviceData, spec: TrainSpec, seed: int, progress=None, checkpoint=None) -> TrainLog:
+def train(model, data: DeviceData, spec: TrainSpec, seed: int, progress=None, checkpoint=None, label: str = "training",
+          announce=None) -> TrainLog:
     """Train `model` in place by `spec`. `progress(epoch, epochs, loss)` is called once per epoch."""
-    return fit_many([Trainer(model, data, spec, seed)], progress, [checkpoint])[0]
+    return fit_many([Trainer(model, data, spec, seed)], progress, [checkpoint], label, announce)[0]
 
 
 @torch.no_grad()

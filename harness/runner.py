@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from harness import HarnessError
-from harness.checkpoints import (cache_root, drop_epoch_checkpoint, epoch_checkpoint_path, load_checkpoint,
-                                 save_atomic, stage1_key, stage1_path)
+from harness.augment import augmentation_transforms
+from harness.checkpoints import (cache_root, check_cache_root, drop_epoch_checkpoint, epoch_checkpoint_path,
+                                 load_checkpoint, save_atomic, stage1_key, stage1_path)
 from harness.config import RunConfig, load_benchmarks, resolve
 from harness.data import LTData, group_accuracies, per_class_accuracy, shot_group
 from harness.distributed import init_from_env, is_main, world
@@ -48,6 +49,7 @@ class RunRequest:
     cache_dir: str | None = None
     benchmarks: str | None = None
     progress: bool = True
+    study: str | None = None      # set for the trials of `harness tune`: stored, never ranked
 
 
 @dataclass
@@ -71,14 +73,46 @@ def prepare(req: RunRequest, seed: int) -> tuple[Method, object, RunConfig]:
     cfg = resolve(doc, method=req.method, dataset=req.dataset, rho=float(rho), seed=seed, preset=req.preset,
                   epochs=req.epochs, generator=generator, backbone=req.backbone,
                   val_per_class=req.val_per_class,
-                  method_default_recipe=getattr(method, "default_recipe", None))
+                  method_default_recipe=getattr(method, "default_recipe", None),
+                  default_augmentation=getattr(spec, "augmentation", "crop+flip"))
+    missing = [key for key in getattr(method, "recipe_keys", ()) if not has_key(cfg.recipe, key)]
+    if missing:
+        raise HarnessError(f"the recipe of {req.method} on {req.dataset} lacks {', '.join(missing)}; "
+                           f"add them in {load_benchmarks(req.benchmarks)['_path']}")
+    check_rho = getattr(spec, "check_rho", None)
+    if check_rho is not None and cfg.generator != "natural":
+        check_rho(cfg.rho)
     check_backbone(cfg.backbone)
     return method, spec, cfg
 
 
+def has_key(recipe: dict, dotted: str) -> bool:
+    node = recipe
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def trainable(model: torch.nn.Module, groups: list[dict] | None, prefixes: list[str] | None) -> list | None:
+    """The stage-1 parameters: the method's groups, limited by the recipe's `train_only`
+    name prefixes (the rest frozen: no gradient, no update, no weight decay)."""
+    if not prefixes:
+        return groups
+    keep = {id(p) for name, p in model.named_parameters() if name.startswith(tuple(prefixes))}
+    if not keep:
+        raise HarnessError(f"train_only {prefixes} matches no parameter of the model")
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    groups = groups or [{"params": list(model.parameters())}]
+    return [{**g, "params": [p for p in g["params"] if id(p) in keep]} for g in groups]
+
+
 def execute(req: RunRequest) -> list[RunResult]:
-    """Run every seed of the request. Everything is validated before a row is written;
-    the seeds' stage-1 trainings run together (concurrently on one GPU)."""
+    """Run every seed of the request. Everything is validated before a row is written
+    (the request, the data, the cache paths); the seeds' stage-1 trainings run together
+    (concurrently on one GPU)."""
     prepared = [prepare(req, seed) for seed in req.seeds]
     device = init_from_env(resolve_device(req.device))  # under torchrun: this process's device
     rank, world_size = world()
@@ -86,13 +120,14 @@ def execute(req: RunRequest) -> list[RunResult]:
     root = Path(req.data_root) if req.data_root else None
     if root is not None and not root.is_dir():
         raise HarnessError(f"data root {root} is not a directory; pass --data-root DIR or set HARNESS_DATA_ROOT")
+    cache = check_cache_root(cache_root(req.cache_dir))
     data = spec.build(cfg0.rho, cfg0.generator, cfg0.val_per_class, root, req.download)
+    checksum = data.checksum()
+    ddata = spec.device_data(data, device, cfg0.recipe)
+    jobs = [plan_job(method, cfg, spec, data, ddata, checksum, cache) for method, _, cfg in prepared]
     # opened only once the request is known to be good: bad input creates nothing; under
     # torchrun only rank 0 writes (the others train their shards and evaluate alike)
     store = Store(req.db) if rank == 0 else None
-    checksum = data.checksum()
-    ddata = spec.device_data(data, device)
-    jobs = [Job(method, cfg, uuid.uuid4().hex[:12]) for method, _, cfg in prepared]
     where = device_name(device) if world_size == 1 else f"{world_size} x {device_name(device)} (torchrun)"
     for job in jobs if store else []:
         store.start_run(Run(
@@ -100,12 +135,12 @@ def execute(req: RunRequest) -> list[RunResult]:
             backbone=job.cfg.backbone, seed=job.cfg.seed, generator=job.cfg.generator, preset=job.cfg.preset,
             config=job.cfg.to_dict(), config_hash=job.cfg.config_hash(), status="running", started_at=now(),
             device=where, git_commit=git_commit(), versions=package_versions(),
-            data_checksum=checksum, extra={}))
+            data_checksum=checksum, extra={}, study=req.study))
     results, start = [], time.perf_counter()
     try:
-        stage1(jobs, spec, data, ddata, checksum, req)
+        stage1([job for job in jobs if not job.cached], ddata, cache, req)
         for job in jobs:
-            results.append(finish(job, data, ddata, store, req))
+            results.append(finish(job, data, ddata, store, cache, req))
     except BaseException as exc:  # KeyboardInterrupt too: the rows must say the runs did not finish
         error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
         for job in jobs[len(results):] if store else []:
@@ -119,63 +154,84 @@ class Job:
     method: Method
     cfg: RunConfig
     run_id: str
-    model: torch.nn.Module | None = None
-    ctx: RunContext | None = None
+    model: torch.nn.Module
+    ctx: RunContext
+    key: str                  # the stage-1 identity: recipe, loss, head, groups, transforms, data
+    trainer: Trainer | None = None   # None: stage 1 is loaded from the cache
     cached: bool = False
-    stage2_key: str = ""      # names stage 2's epoch checkpoints: stage-1 identity + full config
+
+    @property
+    def stage2_key(self) -> str:   # names stage 2's epoch checkpoints: stage-1 identity + full config
+        return f"{self.key}-{self.cfg.config_hash()}-stage2"
 
 
-def stage1(jobs: list[Job], spec, data: LTData, ddata: DeviceData, checksum: str, req: RunRequest) -> None:
-    """Load each job's stage-1 checkpoint or train it; uncached jobs train together,
-    checkpointing every epoch and resuming an interrupted training where it stopped."""
-    root, world_size = cache_root(req.cache_dir), world()[1]
-    to_train: list[tuple[Job, Trainer, str]] = []
+def plan_job(method: Method, cfg: RunConfig, spec, data: LTData, ddata: DeviceData, checksum: str,
+             cache: Path) -> Job:
+    """Build the model and the method's stage-1 setup, and load stage 1 from the cache or
+    prepare its trainer; nothing here writes."""
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    model = build_model(cfg.backbone, data.num_classes, spec.channels)
+    model = model.to(ddata.device, memory_format=torch.channels_last)
+    ctx = RunContext(data=ddata, train_counts=data.train_counts, recipe=cfg.recipe, seed=cfg.seed)
+    if world()[1] > 1:
+        ctx.extra["world_size"] = world()[1]
+    method.stage1_model(model, ctx)
+    model = model.to(ddata.device, memory_format=torch.channels_last)
+    loss_id, loss = method.stage1_loss(ctx)
+    groups = trainable(model, method.stage1_params(model, ctx), cfg.recipe["stage1"].get("train_only"))
+    transforms = augmentation_transforms(cfg.recipe["augmentation"]) + method.stage1_transforms(ctx)
+    identity = {"loss": loss_id, "head": type(model.fc).__qualname__, "transforms": [t.name for t in transforms],
+                "groups": [{k: v for k, v in g.items() if k != "params"} for g in groups or []]}
+    key = stage1_key(cfg.to_dict(), identity, checksum)
+    job = Job(method, cfg, uuid.uuid4().hex[:12], model, ctx, key)
+    ctx.extra.update(stage1_checkpoint=stage1_path(cache, key).name, stage1_loss_id=loss_id)
+    for path in (stage1_path(cache, key), epoch_checkpoint_path(cache, key), epoch_checkpoint_path(cache, job.stage2_key)):
+        if path.exists() and not path.is_file():
+            raise HarnessError(f"checkpoint path {path} is not a file; remove it or pass another --cache-dir")
+    cached = load_checkpoint(stage1_path(cache, key))
+    if cached is not None:
+        model.load_state_dict(cached["model"])
+        job.cached = True
+        record_stage1(job, cached["epoch_loss"], cached["seconds"], cached.get("engine", "unknown"))
+    else:
+        spec1 = TrainSpec.from_recipe(cfg.recipe["stage1"], loss=loss, params=groups, transforms=transforms)
+        job.trainer = Trainer(model, ddata, spec1, cfg.seed)
+    return job
+
+
+def stage1(jobs: list[Job], ddata: DeviceData, cache: Path, req: RunRequest) -> None:
+    """Train the stage 1 of every job not in the cache, together, checkpointing every epoch
+    and resuming an interrupted training where it stopped."""
+    groups: dict[int, list[Job]] = {}  # one group per epoch budget: trainers interleave step by step
     for job in jobs:
-        cfg = job.cfg
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        model = build_model(cfg.backbone, data.num_classes, spec.channels)
-        job.model = model.to(ddata.device, memory_format=torch.channels_last)
-        job.ctx = RunContext(data=ddata, train_counts=data.train_counts, recipe=cfg.recipe, seed=cfg.seed)
-        if world_size > 1:
-            job.ctx.extra["world_size"] = world_size
-        loss_id, loss = job.method.stage1_loss(job.ctx)
-        key = stage1_key(cfg.to_dict(), loss_id, checksum)
-        path = stage1_path(root, key)
-        job.stage2_key = f"{key}-{cfg.config_hash()}-stage2"
-        job.ctx.extra.update(stage1_checkpoint=path.name, stage1_loss_id=loss_id)
-        cached = load_checkpoint(path)
-        if cached is not None:
-            job.model.load_state_dict(cached["model"])
-            job.cached = True
-            record_stage1(job, cached["epoch_loss"], cached["seconds"], cached.get("engine", "unknown"))
-        else:
-            train_spec = TrainSpec.from_recipe(cfg.recipe["stage1"], loss=loss)
-            to_train.append((job, Trainer(job.model, ddata, train_spec, cfg.seed), key))
-    # one group per epoch budget: trainers interleave step by step within a group
-    groups: dict[int, list] = {}
-    for item in to_train:
-        groups.setdefault(item[1].spec.epochs, []).append(item)
+        groups.setdefault(job.trainer.spec.epochs, []).append(job)
     for group in groups.values():
-        seeds = ", ".join(str(j.cfg.seed) for j, _, _ in group)
-        update, close = progress_printer(f"{group[0][0].cfg.method} stage 1 seed {seeds}",
-                                         req.progress and is_main())
-        partials = [epoch_checkpoint_path(root, key) for _, _, key in group]
+        seeds = ", ".join(str(j.cfg.seed) for j in group)
+        label = f"{group[0].cfg.method} stage 1 seed {seeds}"
+        update, close = progress_printer(label, req.progress and is_main())
+        partials = [epoch_checkpoint_path(cache, job.key) for job in group]
         t0 = time.perf_counter()
         try:
-            logs = fit_many([t for _, t, _ in group], update, partials)
+            logs = fit_many([job.trainer for job in group], update, partials, "stage 1", announce)
         finally:
             close()
         seconds = (time.perf_counter() - t0) / len(group)
-        for (job, _, key), log, partial in zip(group, logs, partials):
+        for job, log, partial in zip(group, logs, partials):
             if is_main():
-                save_atomic(stage1_path(root, key), {"model": job.model.state_dict(),
-                                                     "epoch_loss": log.epoch_loss, "seconds": seconds,
-                                                     "engine": log.graph})
+                save_atomic(stage1_path(cache, job.key), {"model": job.model.state_dict(),
+                                                          "epoch_loss": log.epoch_loss, "seconds": seconds,
+                                                          "engine": log.graph})
                 drop_epoch_checkpoint(partial)
             if log.resumed_from is not None:
                 job.ctx.extra["stage1_resumed_from_epoch"] = log.resumed_from
             record_stage1(job, log.epoch_loss, seconds, log.graph)
+
+
+def announce(line: str) -> None:
+    """A line for the user on stderr, before any progress bar (rank 0 only)."""
+    if is_main():
+        print(line, file=sys.stderr, flush=True)
 
 
 def record_stage1(job: Job, epoch_loss: list[float], seconds: float, engine: str) -> None:
@@ -199,16 +255,18 @@ def progress_printer(label: str, enabled: bool):
     return update, bar.close
 
 
-def finish(job: Job, data: LTData, ddata: DeviceData, store: Store | None, req: RunRequest) -> RunResult:
+def finish(job: Job, data: LTData, ddata: DeviceData, store: Store | None, cache: Path,
+           req: RunRequest) -> RunResult:
     """Stage 2, post-hoc step, evaluation and the one-transaction write of one job."""
     method, cfg, model, ctx = job.method, job.cfg, job.model, job.ctx
     start = time.perf_counter()
     spec2 = method.stage2(model, ctx)
     if spec2 is not None:
         update, close = progress_printer(f"{cfg.method} stage 2 seed {cfg.seed}", req.progress and is_main())
-        partial = epoch_checkpoint_path(cache_root(req.cache_dir), job.stage2_key)
+        partial = epoch_checkpoint_path(cache, job.stage2_key)
         try:
-            log2 = train(model, ddata, spec2, cfg.seed + 1, update, checkpoint=partial)
+            log2 = train(model, ddata, spec2, cfg.seed + 1, update, checkpoint=partial, label="stage 2",
+                         announce=announce)
         finally:
             close()
         if is_main():

@@ -49,6 +49,8 @@ class Run(Base):
     extra: Mapped[dict] = mapped_column(JSON, default=dict)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     failed_epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)  # where a NaN/inf loss stopped it
+    # the tuning study this run is a trial of (`harness tune`); trials are never ranked
+    study: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
     metrics: Mapped[list["Metric"]] = relationship(back_populates="run", cascade="all, delete-orphan")
     class_metrics: Mapped[list["ClassMetric"]] = relationship(back_populates="run", cascade="all, delete-orphan")
     curves: Mapped[list["CurvePoint"]] = relationship(back_populates="run", cascade="all, delete-orphan")

@@ -68,7 +68,7 @@ class ListDatasetSpec:
     expected: dict              # split -> number of images the release has
     backbone: str = "resnet50"
     source: str = ""
-    color_jitter: bool = True
+    augmentation: str = "rrc+flip+jitter"  # the default; a recipe may name its own
     size: int = 224
     resize: int = 256
     channels: int = 3
@@ -129,8 +129,18 @@ class ListDatasetSpec:
         return FileLTData(self.name, data_root, self.num_classes, [str(c) for c in range(self.num_classes)],
                           splits["train"], splits.get("val", []), splits["test"], counts, digest.hexdigest())
 
-    def device_data(self, data: FileLTData, device: torch.device) -> "StreamData":
-        return StreamData(self, data, device)
+    def device_data(self, data: FileLTData, device: torch.device, recipe: dict | None = None) -> "StreamData":
+        """Streamed batches with the recipe's augmentation (rrc, flip, jitter) and normalisation."""
+        from harness.datasets import normalisation
+
+        recipe = recipe or {}
+        tokens = recipe.get("augmentation", self.augmentation).split("+")
+        device_only = [t for t in tokens if t in ("crop", "autoaugment", "cutout")]
+        if device_only:
+            raise HarnessError(f"augmentation {'+'.join(device_only)} needs device-resident images; {self.name} "
+                               "takes rrc, flip and jitter")
+        mean, std = normalisation(recipe, self.mean, self.std, self.channels, self.name)
+        return StreamData(self, data, device, tokens, mean, std)
 
 
 def ratio(counts) -> float:
@@ -204,14 +214,19 @@ class FileDataset(torch.utils.data.Dataset):
             return self.transform(img.convert("RGB")), label
 
 
-def transforms_for(spec: ListDatasetSpec, train: bool):
+def transforms_for(spec: ListDatasetSpec, train: bool, tokens=("rrc", "flip", "jitter"), mean=None, std=None):
+    """Train: RandomResizedCrop + flip (+ ColorJitter 0.4/0.4/0.4) as the recipe's tokens say;
+    test: Resize + CenterCrop. Then normalisation."""
     from torchvision.transforms import v2
 
-    tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)]
+    tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean or spec.mean, std or spec.std)]
     if not train:
         return v2.Compose([v2.Resize(spec.resize), v2.CenterCrop(spec.size), *tail])
-    jitter = [v2.ColorJitter(0.4, 0.4, 0.4)] if spec.color_jitter else []
-    return v2.Compose([v2.RandomResizedCrop(spec.size), v2.RandomHorizontalFlip(), *jitter, *tail])
+    steps = [v2.RandomResizedCrop(spec.size) if "rrc" in tokens else v2.Compose([v2.Resize(spec.resize),
+                                                                                  v2.CenterCrop(spec.size)])]
+    steps += [v2.RandomHorizontalFlip()] if "flip" in tokens else []
+    steps += [v2.ColorJitter(0.4, 0.4, 0.4)] if "jitter" in tokens else []
+    return v2.Compose([*steps, *tail])
 
 
 class StreamData:
@@ -220,20 +235,22 @@ class StreamData:
 
     streamed = True
 
-    def __init__(self, spec: ListDatasetSpec, data: FileLTData, device: torch.device, eval_batch: int = 256):
+    def __init__(self, spec: ListDatasetSpec, data: FileLTData, device: torch.device, tokens=("rrc", "flip", "jitter"),
+                 mean=None, std=None, eval_batch: int = 256):
         self.spec, self.data, self.device, self.eval_batch = spec, data, device, eval_batch
+        self.mean, self.std = mean or spec.mean, std or spec.std
         self.num_classes = data.num_classes
         as_labels = lambda items: torch.tensor([y for _, y in items], dtype=torch.long, device=device)  # noqa: E731
         self.train_y, self.val_y, self.test_y = as_labels(data.train), as_labels(data.val), as_labels(data.test)
         self.train_counts = torch.bincount(self.train_y, minlength=self.num_classes)
-        self.train_set = FileDataset(data.root, data.train, transforms_for(spec, train=True))
+        self.train_set = FileDataset(data.root, data.train, transforms_for(spec, True, tokens, self.mean, self.std))
 
     @property
     def n_train(self) -> int:
         return len(self.data.train)
 
     def labels(self, split: str) -> torch.Tensor:
-        return {"val": self.val_y, "test": self.test_y}[split]
+        return {"train": self.train_y, "val": self.val_y, "test": self.test_y}[split]
 
     def _loader(self, dataset, batch_size: int, order=None, seed: int | None = None):
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -253,8 +270,9 @@ class StreamData:
             yield self._to_device(x), y.to(self.device, non_blocking=True)
 
     def eval_batches(self, split: str):
-        items = {"val": self.data.val, "test": self.data.test}[split]
-        dataset = FileDataset(self.data.root, items, transforms_for(self.spec, train=False))
+        """Un-augmented (test-transform) batches of "train", "val" or "test", in order."""
+        items = {"train": self.data.train, "val": self.data.val, "test": self.data.test}[split]
+        dataset = FileDataset(self.data.root, items, transforms_for(self.spec, False, mean=self.mean, std=self.std))
         for x, _ in self._loader(dataset, self.eval_batch):
             yield self._to_device(x)
 
@@ -272,7 +290,8 @@ PLACES_LT = ListDatasetSpec(
 INAT2018 = ListDatasetSpec(
     name="inat2018", title="iNaturalist-2018", num_classes=8142,
     lists={"train": "iNaturalist18_train.txt", "test": "iNaturalist18_val.txt"},
-    expected={"train": 437_513, "test": 24_426}, backbone="resnet50", color_jitter=False,
+    expected={"train": 437_513, "test": 24_426}, backbone="resnet50", augmentation="rrc+flip",
+    mean=(0.466, 0.471, 0.380), std=(0.195, 0.194, 0.192),
     source="iNaturalist-2018 images + classifier-balancing lists (user-supplied; val used as test)")
 FOLDER_LT = FolderLTSpec(
     name="folder-lt", title="Image folder (LT)", backbone="resnet50",

@@ -8,11 +8,14 @@ from harness.method import Method, RunContext, stage2_spec
 
 
 class ScaledLinear(nn.Module):
-    def __init__(self, linear: nn.Linear):
+    """logit_c = s_c (w_c . f + b_c), s initialised to 1; W and b frozen unless `train_linear`
+    (MiSLAS fine-tunes them beside the scales)."""
+
+    def __init__(self, linear: nn.Linear, train_linear: bool = False):
         super().__init__()
         self.linear = linear
         for p in self.linear.parameters():
-            p.requires_grad_(False)
+            p.requires_grad_(train_linear)
         self.scales = nn.Parameter(torch.ones(linear.out_features, device=linear.weight.device))
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:

@@ -5,13 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.engine import TrainSpec
-from harness.method import Method, RunContext, class_counts, stage2_spec
-
-
-def class_balanced_weights(counts: torch.Tensor, beta: float) -> torch.Tensor:
-    """w_c = (1 - β) / (1 - β^n_c), rescaled so that Σ_c w_c = C (Cui et al., CVPR 2019)."""
-    w = (1.0 - beta) / (1.0 - torch.pow(torch.as_tensor(beta, dtype=torch.float64), counts.double()))
-    return (w / w.sum() * len(counts)).float()
+from harness.method import Method, RunContext, class_balanced_weights, class_counts, stage2_spec
 
 
 def class_balanced_loss(logits, target, weights):

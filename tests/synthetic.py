@@ -52,7 +52,7 @@ BENCHMARKS_YAML = textwrap.dedent("""
         lr: 0.05
         momentum: 0.9
         weight_decay: 5.0e-4
-        schedule: {kind: cosine}
+        schedule: {kind: cosine, step_at: epoch-start}
     benchmarks:
       synth-lt:
         rhos: [100]
@@ -70,6 +70,19 @@ BENCHMARKS_YAML = textwrap.dedent("""
           tau_norm: {stage1: *tiny}
           fbl: {stage1: *tiny, lambda: 60}
           wb: {stage1: {<<: *tiny, weight_decay: 5.0e-3}, stage2: {<<: *tiny2, weight_decay: 0.1}, beta: 0.9999, maxnorm_thresh: 0.1}
+          ce_drw: {stage1: {<<: *tiny, drw_epoch: 1}, beta: 0.9999}
+          ldam_drw: {stage1: {<<: *tiny, drw_epoch: 1}, beta: 0.9999, max_margin: 0.5, scale: 30}
+          focal: {stage1: *tiny, gamma: 1.0}
+          cb_loss: {stage1: *tiny, variant: focal, beta: 0.9999, gamma: 1.0}
+          logit_adjust: {stage1: *tiny, tau: 1.0}
+          balanced_softmax:
+            stage1: {<<: *tiny, batch_size: 64, epoch_steps: floor,
+                     schedule: {kind: warmup-cosine, warmup_epochs: 2, warmup_from: 0.5}}
+            augmentation: crop+flip+autoaugment+cutout
+          la_posthoc: {stage1: *tiny, tau_start: 0.0, tau_stop: 4.0, tau_step: 0.25}
+          ncm: {stage1: *tiny}
+          mislas: {stage1: *tiny, mixup_alpha: 1.0, stage2: {<<: *tiny2, epoch_steps: ceil+1, bn_mode: eval},
+                   smooth_head: 0.4, smooth_tail: 0.1, lr_factor: 0.2}
         references:
           - {method: ce, rho: 100, top1: 50.0, backbone: fmnist-cnn, source: "made up for tests"}
 """)

@@ -35,9 +35,9 @@ def run_count(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--method", "nope", "--dataset", "cifar10-lt", "--rho", "100"], "unknown method 'nope'; known methods: ce, crt"),
+    (["--method", "nope", "--dataset", "cifar10-lt", "--rho", "100"], "unknown method 'nope'; known methods: balanced_softmax, cb_loss, ce, ce_drw, crt"),
     (["--method", "ce", "--dataset", "imagenet-xx", "--rho", "100"], "unknown dataset 'imagenet-xx'; known datasets:"),
-    (["--method", "ce", "--dataset", "cifar10-lt", "--rho", "0.5"], "rho must be >= 1"),
+    (["--method", "ce", "--dataset", "cifar10-lt", "--rho", "0.5"], "--rho takes a finite number >= 1"),
     (["--method", "ce", "--dataset", "cifar10-lt", "--rho", "100", "--preset", "fast"], "unknown preset 'fast'"),
     (["--method", "ce", "--dataset", "cifar10-lt", "--rho", "100", "--data-root", "/no/such/dir"],
      "data root /no/such/dir is not a directory"),

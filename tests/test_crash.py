@@ -1,9 +1,11 @@
 """Crash safety: epoch checkpoints, resume to the same numbers, corrupt checkpoints, kill -9."""
+import re
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,6 +109,8 @@ def test_kill_9_mid_run_then_rerun_gives_the_uninterrupted_numbers(tmp_path):
 
     rerun = subprocess.run(args, env=env_for("crash"), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
+    [said] = [line for line in rerun.stderr.splitlines() if line.startswith("resuming")]
+    assert re.fullmatch(r"resuming stage 1 at epoch (\d+) of 150 \((\d+) done; checkpoint .*\.pt\)", said), said
     clean = subprocess.run(args, env=env_for("clean"), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert clean.returncode == 0, clean.stderr
 
@@ -122,3 +126,56 @@ def test_kill_9_mid_run_then_rerun_gives_the_uninterrupted_numbers(tmp_path):
     norms = lambda run: [c.weight_norm for c in sorted(run.class_metrics, key=lambda c: c.class_index)]  # noqa: E731
     assert norms(full_resumed) == pytest.approx(norms(full_reference), abs=1e-6)
     assert not any((tmp_path / "crash" / "partial").glob("*.pt"))  # cleaned up once stage 1 is done
+
+
+def test_a_resumed_class_aware_stage_draws_the_samples_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    """The sampler's class and per-class cycles are part of the checkpoint: the epochs after a
+    resume draw exactly the indices the uninterrupted training drew."""
+    from harness.samplers import ClassAwareSampler
+
+    drawn = []
+    real_draw = ClassAwareSampler.draw
+
+    def recording_draw(self, n, batch):
+        out = real_draw(self, n, batch)
+        drawn.append(out.copy())
+        return out
+
+    monkeypatch.setattr(ClassAwareSampler, "draw", recording_draw)
+    reference = train_states(sampler="class_aware")
+    uninterrupted, drawn[:] = list(drawn), []
+    ckpt = tmp_path / "stage2.pt"
+    assert train_states(ckpt, stop=1, sampler="class_aware") is None  # dies after epoch 1's checkpoint
+    drawn.clear()
+    resumed = train_states(ckpt, sampler="class_aware")
+    assert resumed[1].resumed_from == 2 and len(drawn) == 3
+    for after, before in zip(drawn, uninterrupted[2:]):
+        assert np.array_equal(after, before)
+    assert_same(reference, resumed)
+
+
+def test_a_resumed_stage_2_says_so_before_its_progress(synth, monkeypatch, capsys):
+    import harness.runner as runner_mod
+    from harness.runner import RunRequest, execute
+
+    real_printer = runner_mod.progress_printer
+
+    def dies_in_stage_2(label, enabled):
+        if "stage 2" not in label:
+            return real_printer(label, enabled)
+
+        def update(epoch, epochs, loss):
+            if epoch == 0:
+                raise Interrupt
+        return update, lambda: None
+
+    request = RunRequest(method="crt", dataset="synth-lt", rho=100, preset="paper", device="cpu", progress=False)
+    monkeypatch.setattr(runner_mod, "progress_printer", dies_in_stage_2)
+    with pytest.raises(Interrupt):
+        execute(request)
+    monkeypatch.setattr(runner_mod, "progress_printer", real_printer)
+    capsys.readouterr()
+    [res] = execute(request)
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("resuming")]
+    assert len(said) == 1 and said[0].startswith("resuming stage 2 at epoch 2 of 2 (1 done; checkpoint "), said
+    assert res.extra["stage2_resumed_from_epoch"] == 1

@@ -1,37 +1,138 @@
+import math
+
 import numpy as np
 import pytest
 import torch
 
+from harness import HarnessError
 from harness.config import scale_stage
 from harness.data import LTData
-from harness.engine import DeviceData, class_aware_order, lr_factor
+from harness.engine import DeviceData
+from harness.samplers import ClassAwareSampler, epoch_samples
+from harness.schedules import epoch_factor, factors
 
 LDAM = {"kind": "warmup-step", "warmup_epochs": 5, "steps": [[160, 0.01], [180, 0.0001]]}
 
 
-def test_ldam_schedule():
-    f = [lr_factor(LDAM, e, 200) for e in range(200)]
+def test_ldam_schedule_from_the_1_based_epoch():
+    f = [epoch_factor(LDAM, e, 200) for e in range(200)]
     assert f[0] == pytest.approx(0.2) and f[4] == pytest.approx(1.0)
     assert f[159] == 1.0 and f[160] == 0.01 and f[179] == 0.01 and f[180] == 0.0001 and f[199] == 0.0001
 
 
-def test_cosine_schedule_matches_torch():
+def test_cosine_stepped_at_epoch_start_is_the_official_decoupling_sequence():
+    """classifier-balancing and WB call scheduler.step() before each epoch: the lr an epoch
+    trains at is CosineAnnealingLR's after e + 1 steps, and the last epoch trains at 0."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10, eta_min=0.0)
+    official = []
+    for _ in range(10):
+        opt.step()
+        sched.step()  # the official loops step first, then train the epoch
+        official.append(opt.param_groups[0]["lr"])
+    ours = [epoch_factor({"kind": "cosine", "step_at": "epoch-start"}, e, 10) for e in range(10)]
+    assert ours == pytest.approx(official, abs=1e-12)
+    assert ours[-1] == pytest.approx(0.0, abs=1e-12) and ours[0] == pytest.approx(0.5 * (1 + math.cos(math.pi / 10)))
+
+
+def test_cosine_stepped_at_epoch_end_starts_at_the_full_rate():
+    """MiSLAS computes ½(1 + cos(π e / E)) from the 0-based epoch: CosineAnnealingLR stepped after."""
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
     for e in range(10):
-        assert lr_factor({"kind": "cosine"}, e, 10) == pytest.approx(opt.param_groups[0]["lr"])
+        assert epoch_factor({"kind": "cosine", "step_at": "epoch-end"}, e, 10) == pytest.approx(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
 
 
+def test_a_cosine_without_its_stepping_is_refused():
+    from harness.schedules import check
+    with pytest.raises(HarnessError, match="step_at: epoch-start or epoch-end"):
+        check({"kind": "cosine"})
+
+
+def test_balms_warmup_cosine_sequence():
+    """BALMS on CIFAR-10-LT rho 100 at batch 512: 520 epochs, warm-up 32, lr 0.05 -> 0.1 -> 0
+    (values by 1-based epoch read off its CosineAnnealingLRWarmup)."""
+    sched = {"kind": "warmup-cosine", "warmup_epochs": 32, "warmup_from": 0.5}
+    lr = {e + 1: 0.1 * epoch_factor(sched, e, 520) for e in range(520)}
+    expected = {1: 0.05, 2: 0.051613, 5: 0.056452, 31: 0.098387, 32: 0.1, 33: 0.099999, 100: 0.095285,
+                276: 0.05, 519: 1e-6, 520: 0.0}
+    assert {e: round(lr[e], 6) for e in expected} == pytest.approx(expected, abs=1e-6)
+
+
+def test_cui_warmup_rises_per_step_from_zero():
+    """Cui et al.: lr = base * (global_step * B / N) / 5 during the first 5 epochs."""
+    sched = {"kind": "warmup-step", "warmup_epochs": 5, "warmup_per": "step", "steps": [[160, 0.01]]}
+    n, batch = 1000, 128
+    steps = math.ceil(n / batch)
+    first = factors(sched, 0, 200, steps, batch, n)
+    assert first[0] == 0.0 and first[1] == pytest.approx(batch / (n * 5))
+    assert factors(sched, 4, 200, steps, batch, n)[-1] == pytest.approx((4 * steps + steps - 1) * batch / (n * 5))
+    assert (factors(sched, 5, 200, steps, batch, n) == 1.0).all()
+    assert (factors(sched, 160, 200, steps, batch, n) == 0.01).all()
+
+
 def test_quick_preset_scales_the_schedule():
-    stage = {"epochs": 200, "schedule": LDAM, "lr": 0.1}
+    stage = {"epochs": 200, "schedule": LDAM, "lr": 0.1, "drw_epoch": 160}
     quick = scale_stage(stage, 20)
     assert quick["epochs"] == 20 and quick["paper_epochs"] == 200
     assert quick["schedule"]["warmup_epochs"] == 1
     assert quick["schedule"]["steps"] == [[16, 0.01], [18, 0.0001]]
+    assert quick["drw_epoch"] == 16  # DRW's start scales with the budget
     assert stage["schedule"]["steps"][0][0] == 160  # the paper recipe is not mutated
+
+
+# ---------------------------------------------------------------- class-aware sampling
+
+def test_class_aware_epoch_is_n_train_over_batch_steps():
+    """classifier-balancing ends an epoch after int(N / batch) steps; MiSLAS after ceil(N / batch) + 1."""
+    assert epoch_samples("floor", 12406, 128, "class_aware") == 96 * 128     # CIFAR-10-LT rho 100
+    assert epoch_samples("floor", 10847, 128, "class_aware") == 84 * 128     # CIFAR-100-LT rho 100
+    assert epoch_samples("floor", 115846, 512, "class_aware") == 226 * 512   # ImageNet-LT
+    assert epoch_samples("ceil+1", 12406, 128, "class_aware") == 98 * 128    # MiSLAS, CIFAR-10-LT
+    assert epoch_samples("ceil+1", 10847, 128, "class_aware") == 86 * 128
+    assert epoch_samples("all", 12406, 128, "instance") == 12406
+    with pytest.raises(HarnessError, match="does not fit"):
+        epoch_samples("ceil+1", 100, 10, "instance")
+
+
+def test_class_aware_sampler_is_uniform_over_classes_in_groups_of_four():
+    labels = np.repeat(np.arange(5), [200, 80, 30, 10, 2])
+    sampler = ClassAwareSampler(labels, 4, np.random.RandomState(0), shuffle_batch=False)
+    order = sampler.draw(4000, 40)
+    draws = labels[order].reshape(-1, 4)
+    assert (draws == draws[:, :1]).all(), "each draw is 4 images of one class"
+    assert np.allclose(np.bincount(labels[order], minlength=5) / len(order), 0.2, atol=0.01)
+    # within a class, images cycle through shuffled passes: the rare class's 2 images alternate per pass
+    rare = order[labels[order] == 4].reshape(-1, 2)
+    assert all(sorted(pair) == list(np.flatnonzero(labels == 4)) for pair in rare)
+
+
+def test_class_cycles_carry_on_from_one_epoch_to_the_next():
+    """Two epochs drawn from one sampler are one endless stream: each pass of the class cycle
+    visits every class, and each pass of a class's cycle every image, across the epoch
+    boundary too (an epoch of 10 draws ends in the middle of the second class pass)."""
+    labels = np.repeat(np.arange(6), [50, 30, 20, 10, 5, 3])
+    sampler = ClassAwareSampler(labels, 4, np.random.RandomState(1), shuffle_batch=False)
+    both = np.concatenate([sampler.draw(40, 20), sampler.draw(40, 20)])
+    classes = labels[both].reshape(-1, 4)[:, 0]
+    for p in range(3):
+        assert sorted(classes[6 * p:6 * p + 6]) == list(range(6)), "a pass of the class cycle visits every class"
+    rare = both[labels[both] == 5]
+    for p in range(len(rare) // 3):
+        assert sorted(rare[3 * p:3 * p + 3]) == list(np.flatnonzero(labels == 5)), "a pass visits every image"
+
+
+def test_shuffle_batch_permutes_within_batches_only():
+    labels = np.repeat(np.arange(4), [40, 20, 10, 5])
+    plain = ClassAwareSampler(labels, 4, np.random.RandomState(3), shuffle_batch=False).draw(64, 16)
+    shuffled = ClassAwareSampler(labels, 4, np.random.RandomState(3), shuffle_batch=True).draw(64, 16)
+    assert not np.array_equal(plain, shuffled)
+    for a, b in zip(plain.reshape(-1, 16), shuffled.reshape(-1, 16)):
+        assert sorted(a) == sorted(b)
 
 
 def tiny_data(n=12, size=6, channels=2):
@@ -72,21 +173,6 @@ def test_no_padding_no_flip_is_plain_normalisation():
     assert torch.allclose(out, ref, atol=1e-5)
 
 
-def test_class_aware_sampler_is_uniform_over_classes_in_groups_of_four():
-    labels = np.repeat(np.arange(5), [200, 80, 30, 10, 2])
-    rng = np.random.RandomState(0)
-    order = class_aware_order(labels, rng)
-    assert len(order) == 200 * 5  # one epoch = n_max * C, as the official sampler
-    draws = labels[order].reshape(-1, 4)
-    assert (draws == draws[:, :1]).all(), "each draw is 4 images of one class"
-    freq = np.bincount(labels[order], minlength=5) / len(order)
-    assert np.allclose(freq, 0.2, atol=0.01)
-    # within a class, images cycle through a shuffled permutation: the rare class's 2
-    # images each appear about equally often
-    rare = order[labels[order] == 4]
-    assert abs(np.sum(rare == np.where(labels == 4)[0][0]) - len(rare) / 2) <= 2
-
-
 def small_setup(seed=0):
     from harness.models import fmnist_cnn
     torch.manual_seed(seed)
@@ -98,7 +184,8 @@ def small_setup(seed=0):
 
 def spec_for(**kw):
     from harness.engine import TrainSpec
-    base = dict(epochs=2, batch_size=16, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule={"kind": "cosine"})
+    base = dict(epochs=2, batch_size=16, lr=0.05, momentum=0.9, weight_decay=5e-4,
+                schedule={"kind": "cosine", "step_at": "epoch-start"})
     return TrainSpec(**{**base, **kw})
 
 

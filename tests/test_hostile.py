@@ -1,5 +1,6 @@
 """Hostile and bad input, as a table: each gives one line naming the fix, exit 2, and
 leaves the store as it was (no file created, no row written)."""
+import os
 import pickle
 import sys
 
@@ -51,21 +52,88 @@ CASES = {
                                     "cannot decode image"),
     "truncated CIFAR pickle": (lambda t: ["--data-root", str(truncated_cifar(t / "d"))],
                                "cannot read CIFAR-10-LT under"),
-    "rho below 1": (lambda t: ["--rho", "0.5"], "rho must be >= 1"),
+    "rho below 1": (lambda t: ["--rho", "0.5"], "--rho takes a finite number >= 1"),
+    "rho nan": (lambda t: ["--rho", "nan"], "--rho takes a finite number >= 1 or 'natural', got 'nan'"),
+    "rho inf": (lambda t: ["--rho", "inf"], "--rho takes a finite number >= 1 or 'natural', got 'inf'"),
+    "rho that leaves classes empty": (lambda t: ["--rho", "1e6"],
+                                      "leaves the tail classes of cifar10-lt without a training image; "
+                                      "the largest rho it allows is 5000"),
+    "rho that is not a number": (lambda t: ["--rho", "ten"], "--rho takes a finite number >= 1"),
     "negative seed": (lambda t: ["--seed", "-3"], "seed must be >= 0"),
+    "seed past 2**32": (lambda t: ["--seed", str(2**40)], "seed must be >= 0 and < 2**32"),
     "zero epochs": (lambda t: ["--epochs", "0"], "--epochs must be >= 1"),
+    "negative validation split": (lambda t: ["--val-per-class", "-1"], "--val-per-class must be >= 0"),
+    "stray argument": (lambda t: ["extra"], "Got unexpected extra argument (extra); see `harness run --help`"),
+    "benchmarks.yaml of random bytes": (lambda t: ["--benchmarks", write_bytes(t / "b.yaml", os.urandom(4096))],
+                                        "is not a text (UTF-8) file"),
+    "benchmarks.yaml that does not exist": (lambda t: ["--benchmarks", str(t / "nope.yaml")],
+                                            "nope.yaml does not exist"),
+    "benchmarks.yaml with a preset of 0 epochs": (lambda t: ["--benchmarks", write(t / "b.yaml", ZERO_PRESET_YAML)],
+                                                  "stage1_epochs must be an integer >= 1"),
+    "recipe without a learning rate": (lambda t: ["--benchmarks", write(t / "b.yaml", NO_LR_YAML)],
+                                       "stage1.lr must be a number, got None"),
+    "data root that is a file": (lambda t: ["--data-root", write(t / "data.txt", "not a folder")],
+                                 "is not a directory"),
+    "cache folder that is a file": (lambda t: ["--cache-dir", write(t / "cache.txt", "x"), "--data-root",
+                                               str(image_tree(t / "d"))], "cannot be used"),
     # the store is opened only once the data are known good, so these two go through `list runs`
     "unreachable database": (lambda t: ["list", "runs", "--db", f"sqlite:///{t}/no/such/dir/r.db"],
                              "cannot open results store"),
     "results.db that is not a database": (lambda t: ["list", "runs", "--db",
-                                                     f"sqlite:///{write(t / 'results.db', 'junk' * 500)}"],
+                                                     f"sqlite:///{write(t / 'junk.db', 'junk' * 500)}"],
                                           "file is not a database"),
+    "results.db that is a folder": (lambda t: ["list", "runs", "--db", f"sqlite:///{mkdir(t / 'folder.db')}"],
+                                    "cannot open results store"),
+    "report into a file that is a folder": (lambda t: ["report", "--format", "csv", "--file", mkdir(t / "out")],
+                                            "cannot write --file"),
+    "report into a missing folder": (lambda t: ["report", "--format", "csv", "--file", str(t / "no" / "x.csv")],
+                                     "no such folder"),
+    "report site over a file": (lambda t: ["report", "--out", write(t / "reports", "a file")], "is a file"),
 }
+
+ZERO_PRESET_YAML = """version: 1
+benchmarks:
+  cifar10-lt:
+    presets: {paper: {stage1_epochs: 0}}
+    methods: {}
+"""
+NO_LR_YAML = """version: 1
+benchmarks:
+  cifar10-lt:
+    backbone: resnet32
+    methods:
+      ce: {stage1: {epochs: 2, batch_size: 8, momentum: 0.9, weight_decay: 0.0, schedule: {kind: constant}}}
+"""
 
 
 def write(path, text):
     path.write_text(text)
     return str(path)
+
+
+def write_bytes(path, data):
+    path.write_bytes(data)
+    return str(path)
+
+
+def mkdir(path):
+    path.mkdir()
+    return str(path)
+
+
+def existing_store(path):
+    """A results.db with one completed run, closed (its WAL folded back in): the bytes to keep."""
+    from harness.store import Run, Store, now
+
+    store = Store(f"sqlite:///{path}")
+    store.start_run(Run(id="r1", method="ce", dataset="cifar10-lt", rho=100.0, backbone="resnet32", seed=0,
+                        generator="ldam", preset="paper", config={}, config_hash="h", status="running",
+                        started_at=now(), device="cpu", git_commit="abc", versions={}, data_checksum="x", extra={}))
+    store.complete_run("r1", metrics=[{"split": "test", "group": "all", "top1": 70.0, "error": 30.0,
+                                       "n_classes": 10}], class_metrics=[], curves=[], extra={}, wall_seconds=1.0,
+                       stage1_cached=False)
+    store.engine.dispose()
+    return path.read_bytes()
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -74,15 +142,36 @@ def test_bad_input_gives_one_line_exit_2_and_an_unchanged_store(case, tmp_path, 
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("HARNESS_BENCHMARKS", raising=False)
     monkeypatch.delenv("HARNESS_DB", raising=False)
+    store_before = existing_store(tmp_path / "results.db")
     setup, message = CASES[case]
     extra = setup(tmp_path)
-    store_before = (tmp_path / "results.db").read_bytes() if (tmp_path / "results.db").exists() else None
     args = ["run", "--method", "ce", "--dataset", "cifar10-lt", "--rho", "100", "--device", "cpu", "--no-progress"]
-    monkeypatch.setattr(sys, "argv", ["harness", *(extra if extra[0] == "list" else args + extra)])
+    monkeypatch.setattr(sys, "argv", ["harness", *(extra if extra[0] in ("list", "report") else args + extra)])
     with pytest.raises(SystemExit) as exit_:
         main()
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
-    store_after = (tmp_path / "results.db").read_bytes() if (tmp_path / "results.db").exists() else None
-    assert store_after == store_before  # not created, not touched
+    assert (tmp_path / "results.db").read_bytes() == store_before  # byte-identical
+    assert not [p for p in tmp_path.glob("results.db-*") if p.stat().st_size]  # no pending WAL either
+
+
+def test_a_checkpoint_path_that_is_a_folder_is_refused_before_anything_is_written(synth, tmp_path, capsys,
+                                                                                   monkeypatch):
+    from harness.runner import RunRequest, execute
+
+    execute(RunRequest(method="ce", dataset="synth-lt", rho=100, preset="quick", device="cpu", progress=False))
+    [checkpoint] = (tmp_path / "cache" / "stage1").glob("*.pt")
+    checkpoint.unlink()
+    checkpoint.mkdir()  # a folder where stage 1's checkpoint belongs
+    store_path = tmp_path / "results.db"
+    from harness.store import Store
+    Store(synth).engine.dispose()
+    before = store_path.read_bytes()
+    monkeypatch.setattr(sys, "argv", ["harness", "run", "--method", "crt", "--dataset", "synth-lt", "--rho", "100",
+                                      "--preset", "quick", "--device", "cpu", "--no-progress"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and f"checkpoint path {checkpoint} is not a file" in err[0], err
+    assert store_path.read_bytes() == before

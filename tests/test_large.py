@@ -52,8 +52,10 @@ MINI = ListDatasetSpec(
 BENCH = textwrap.dedent("""
     version: 1
     recipes:
-      one: &one {epochs: 1, batch_size: 8, lr: 0.05, momentum: 0.9, weight_decay: 5.0e-4, schedule: {kind: cosine}}
-      two: &two {epochs: 1, batch_size: 8, lr: 0.05, momentum: 0.9, weight_decay: 0.1, schedule: {kind: cosine}}
+      one: &one {epochs: 1, batch_size: 8, lr: 0.05, momentum: 0.9, weight_decay: 5.0e-4,
+                 schedule: {kind: cosine, step_at: epoch-start}}
+      two: &two {epochs: 1, batch_size: 8, lr: 0.05, momentum: 0.9, weight_decay: 0.1,
+                 schedule: {kind: cosine, step_at: epoch-start}}
     mini_methods: &mini
       ce: {stage1: *one}
       crt: {stage1: *one, stage2: *one}
@@ -61,6 +63,16 @@ BENCH = textwrap.dedent("""
       tau_norm: {stage1: *one}
       fbl: {stage1: *one, lambda: 150}
       wb: {stage1: {<<: *one, weight_decay: 5.0e-3}, stage2: *two, beta: 0.9999, maxnorm_thresh: 0.1}
+      ce_drw: {stage1: {<<: *one, drw_epoch: 0}, beta: 0.9999}
+      ldam_drw: {stage1: {<<: *one, drw_epoch: 0}, beta: 0.9999, max_margin: 0.3, scale: 30}
+      focal: {stage1: *one, gamma: 1.0}
+      cb_loss: {stage1: *one, variant: focal, beta: 0.9999, gamma: 1.0}
+      logit_adjust: {stage1: *one, tau: 1.0}
+      balanced_softmax: {stage1: {<<: *one, epoch_steps: floor}, augmentation: rrc+flip}
+      la_posthoc: {stage1: *one}
+      ncm: {stage1: *one}
+      mislas: {stage1: *one, mixup_alpha: 0.2, stage2: {<<: *one, epoch_steps: ceil+1, bn_mode: train},
+               smooth_head: 0.3, smooth_tail: 0.0, lr_factor: 0.05}
     benchmarks:
       mini-imagenet-lt:
         rhos: [natural]
@@ -69,7 +81,8 @@ BENCH = textwrap.dedent("""
         generator: natural
         methods: *mini
         references:
-          - {method: ce, rho: 8, top1: 44.4, backbone: resnext50_32x4d, source: "shape of a real reference"}
+          - {method: ce, rho: 8, top1: 44.4, source: "shape of a real reference",
+             protocol: {backbone: resnext50_32x4d, generator: natural, epochs: 90, augmentation: rrc+flip+jitter}}
       folder-lt:
         rhos: [natural]
         backbone: timm:resnet10t
@@ -97,7 +110,8 @@ def run(method, root, dataset="mini-imagenet-lt", rho="natural"):
                               progress=False))
 
 
-@pytest.mark.parametrize("method", ["ce", "crt", "lws", "tau_norm", "fbl", "wb"])
+@pytest.mark.parametrize("method", ["ce", "crt", "lws", "tau_norm", "fbl", "wb", "ce_drw", "ldam_drw", "focal",
+                                    "cb_loss", "logit_adjust", "balanced_softmax", "la_posthoc", "ncm", "mislas"])
 def test_every_method_runs_a_step_on_the_miniature(large, method):
     root, url = large
     [res] = run(method, root)

@@ -11,8 +11,9 @@ from harness.models import fmnist_cnn
 from methods.crt import METHOD as CRT
 from methods.fbl import class_strengths, curriculum, fbl_loss
 from methods.lws import METHOD as LWS
-from methods.tau_norm import TauNormLinear, tau_grid
-from methods.wb import METHOD as WB, MaxNorm, class_balanced_loss, class_balanced_weights
+from harness.method import class_balanced_weights, grid_of
+from methods.tau_norm import TauNormLinear
+from methods.wb import METHOD as WB, MaxNorm, class_balanced_loss
 
 STAGE2 = {"epochs": 1, "batch_size": 8, "lr": 0.5, "momentum": 0.9, "weight_decay": 0.1,
           "schedule": {"kind": "constant"}}
@@ -26,7 +27,7 @@ def test_tau_norm_logits_by_hand():
 
 
 def test_tau_grid_is_0_to_2_by_0_1():
-    grid = tau_grid({})
+    grid = grid_of({}, "tau", 0.0, 2.0, 0.1)
     assert len(grid) == 21 and grid[0] == 0.0 and grid[-1] == 2.0 and grid[19] == 1.9
 
 

@@ -32,13 +32,13 @@ def test_stage2_methods_reuse_the_ce_stage1_checkpoint(synth, monkeypatch):
     calls = []
     real_fit_many, real_train = runner_mod.fit_many, runner_mod.train
 
-    def counting_fit_many(trainers, progress=None, checkpoints=None):
+    def counting_fit_many(trainers, *args, **kw):
         calls.extend(["stage1"] * len(trainers))
-        return real_fit_many(trainers, progress, checkpoints)
+        return real_fit_many(trainers, *args, **kw)
 
-    def counting_train(model, data, spec, seed, progress=None, checkpoint=None):
+    def counting_train(model, data, spec, seed, *args, **kw):
         calls.append("stage2" if spec.frozen_backbone else "other")
-        return real_train(model, data, spec, seed, progress, checkpoint)
+        return real_train(model, data, spec, seed, *args, **kw)
 
     monkeypatch.setattr(runner_mod, "fit_many", counting_fit_many)
     monkeypatch.setattr(runner_mod, "train", counting_train)
@@ -141,3 +141,39 @@ def test_nan_loss_fails_the_run_with_its_epoch_and_no_metrics(synth):
     [row] = Store(synth).list_runs()
     assert row.status == "failed" and row.failed_epoch == 1 and "epoch 1" in row.error
     assert Store(synth).get_run(row.id).metrics == []
+
+
+LOSS_METHODS = ["ce_drw", "ldam_drw", "focal", "cb_loss", "logit_adjust", "balanced_softmax", "mislas"]
+
+
+@pytest.mark.parametrize("method", LOSS_METHODS)
+def test_a_baseline_trains_its_own_stage_1_not_ce(synth, method):
+    [ce] = run("ce", synth)
+    [res] = run(method, synth, preset="paper" if method == "balanced_softmax" else "quick")  # its warm-up needs 3
+    assert not res.stage1_cached and res.extra["stage1_checkpoint"] != ce.extra["stage1_checkpoint"]
+    assert res.extra["stage1_loss_id"] != ce.extra["stage1_loss_id"]
+    assert res.metrics["test"] != ce.metrics["test"]
+
+
+def test_ncm_reuses_ce_and_classifies_by_its_centroids(synth):
+    [ce] = run("ce", synth)
+    [res] = run("ncm", synth)
+    assert res.stage1_cached and res.extra["stage1_checkpoint"] == ce.extra["stage1_checkpoint"]
+    norms = {r: [c.weight_norm for c in sorted(Store(synth).get_run(r).class_metrics, key=lambda c: c.class_index)]
+             for r in (ce.run_id, res.run_id)}
+    assert norms[ce.run_id] != norms[res.run_id] and max(norms[res.run_id]) <= 1.0  # cl2n centroids, not CE's W
+
+
+def test_posthoc_adjustment_reuses_ce_and_predicts_at_the_val_chosen_tau(synth):
+    [ce] = run("ce", synth)
+    [res] = run("la_posthoc", synth)
+    assert res.stage1_cached and res.extra["stage1_checkpoint"] == ce.extra["stage1_checkpoint"]
+    assert res.extra["tau_selected_on"] == "val" and 0.0 <= res.extra["tau"] <= 4.0
+    with Store(synth).session() as s:
+        sweep = {(p.split, p.group, p.x): p.value for p in s.scalars(
+            select(CurvePoint).where(CurvePoint.run_id == res.run_id, CurvePoint.kind == "la_tau_sweep"))}
+    assert len(sweep) == 17 * 2 * 4  # τ = 0, 0.25, ..., 4 on val and test, four groups
+    assert res.metrics["test"]["all"] == pytest.approx(sweep[("test", "all", res.extra["tau"])])
+    assert sweep[("test", "all", 0.0)] == pytest.approx(ce.metrics["test"]["all"])  # τ = 0 is CE itself
+    assert res.extra["tau1_test_top1"] == pytest.approx(sweep[("test", "all", 1.0)])
+    assert res.extra["tau_oracle_test_top1"] == max(v for (s, g, _), v in sweep.items() if (s, g) == ("test", "all"))

@@ -30,8 +30,8 @@ def test_sweep_cli_dry_run_then_parallel_workers(tmp_path):
     env, bench = plugin_env(tmp_path)
     env["HARNESS_CACHE"] = str(tmp_path / "c")
     url = f"sqlite:///{tmp_path / 'r.db'}"
-    args = ["sweep", bench, "--datasets", "synth-lt", "--methods", "ce", "--methods", "lws", "--methods", "wb",
-            "--seeds", "0", "--preset", "quick", "--device", "cpu", "--db", url]
+    args = ["sweep", "--benchmarks", bench, "--datasets", "synth-lt", "--methods", "ce", "--methods", "lws",
+            "--methods", "wb", "--seeds", "0", "--preset", "quick", "--device", "cpu", "--db", url]
     dry = harness(*args, "--dry-run", env=env, cwd=tmp_path)
     assert dry.returncode == 0, dry.stderr
     assert "3 runs to do, 0 already in the store" in dry.stdout and Store(url).list_runs() == []
@@ -49,8 +49,11 @@ def test_sweep_bad_input_is_one_line_and_runs_nothing(tmp_path):
     env["HARNESS_DB"] = f"sqlite:///{tmp_path / 'r.db'}"
     for args, message in ((["--methods", "nope"], "unknown method 'nope'"),
                           (["--datasets", "imagenet-xx"], "dataset 'imagenet-xx' has no entry"),
-                          (["--jobs", "0"], "--jobs must be >= 1")):
-        out = harness("sweep", bench, *args, env=env, cwd=tmp_path)
+                          (["--jobs", "0"], "--jobs must be >= 1"),
+                          (["--seeds", "0", "1", "extra.yaml"], "'extra.yaml' is not a valid integer"),
+                          (["--rho", "100", "nan"], "--rho takes a finite number >= 1"),
+                          (["--benchmarks", "/no/such.yaml"], "/no/such.yaml does not exist")):
+        out = harness("sweep", "--benchmarks", bench, *args, env=env, cwd=tmp_path)
         assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, \
             out.stderr
     assert Store(env["HARNESS_DB"]).list_runs() == []
@@ -60,11 +63,26 @@ def test_sweep_on_a_local_ray_instance(tmp_path):
     env, bench = plugin_env(tmp_path)
     env["HARNESS_CACHE"] = str(tmp_path / "c")
     url = f"sqlite:///{tmp_path / 'r.db'}"
-    out = harness("sweep", bench, "--datasets", "synth-lt", "--methods", "ce", "--methods", "crt",
-                  "--methods", "fbl", "--seeds", "0", "1", "--preset", "quick", "--device", "cpu", "--db", url,
+    out = harness("sweep", "--benchmarks", bench, "--datasets", "synth-lt", "--methods", "ce", "crt",
+                  "fbl", "--seeds", "0", "1", "--preset", "quick", "--device", "cpu", "--db", url,
                   "--executor", "ray", env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "sweep done: 6 runs completed, 0 jobs failed" in out.stdout
     runs = Store(url).list_runs()
     assert len(runs) == 6 and all(r.status == "completed" for r in runs)
     assert all(r.stage1_cached for r in runs if r.method == "crt")
+
+
+def test_every_seed_and_ratio_given_is_planned(synth):
+    """`--seeds 0 1 2` and `--rho 100 10` take every value (the second seed used to be taken
+    for a positional argument and dropped)."""
+    from click.testing import CliRunner
+
+    from harness.cli import cli
+
+    out = CliRunner().invoke(cli, ["sweep", "--datasets", "synth-lt", "--methods", "ce", "crt", "--seeds", "0", "1", "2",
+                                   "--rho", "100", "10", "--preset", "quick", "--dry-run"])
+    assert out.exit_code == 0, out.output
+    assert "12 runs to do" in out.output
+    rows = [line for line in out.output.splitlines() if line.startswith("| ce") or line.startswith("| crt")]
+    assert len(rows) == 4 and all("| 0 1 2 " in row for row in rows)

@@ -1,0 +1,91 @@
+"""The shipped benchmarks.yaml resolves to each official code's recipe, per dataset (DESIGN.md
+§2, §3, §3b), and says what it does not follow."""
+import pytest
+
+from harness.config import load_benchmarks, resolve
+from harness.streaming import INAT2018
+
+DOC = load_benchmarks("benchmarks.yaml")
+
+
+def recipe(dataset, method, rho):
+    return resolve(DOC, method=method, dataset=dataset, rho=rho, seed=0, preset="paper")
+
+
+def test_decoupling_cifar_stage_2_epochs_and_cosine_stepping():
+    crt, lws = recipe("cifar10-lt", "crt", 100).recipe["stage2"], recipe("cifar10-lt", "lws", 100).recipe["stage2"]
+    assert (crt["epochs"], lws["epochs"]) == (10, 5)
+    for stage in (crt, lws):
+        assert stage["schedule"] == {"kind": "cosine", "step_at": "epoch-start"}
+        assert (stage["epoch_steps"], stage["per_class"], stage["shuffle_batch"]) == ("floor", 4, True)
+    wb = recipe("cifar100-lt", "wb", 100).recipe
+    assert wb["stage1"]["schedule"]["step_at"] == wb["stage2"]["schedule"]["step_at"] == "epoch-start"
+
+
+def test_inaturalist_recipes():
+    crt = recipe("inat2018", "crt", 500)
+    assert crt.recipe["stage1"]["weight_decay"] == crt.recipe["stage2"]["weight_decay"] == 1e-4
+    assert crt.recipe["stage2"]["epochs"] == 30 and recipe("inat2018", "lws", 500).recipe["stage2"]["epochs"] == 5
+    assert crt.recipe["augmentation"] == "rrc+flip"  # no ColorJitter on iNat
+    assert INAT2018.mean == (0.466, 0.471, 0.380) and INAT2018.std == (0.195, 0.194, 0.192)
+    fbl = recipe("inat2018", "fbl", 500).recipe
+    assert fbl["normalisation"]["mean"] == [0.485, 0.456, 0.406]  # FBL's code keeps ImageNet's statistics
+
+
+def test_places_recipes():
+    for method in ("crt", "lws"):
+        stage2 = recipe("places-lt", method, 996).recipe["stage2"]
+        assert (stage2["lr"], stage2["batch_size"]) == (0.1, 256)
+    ce = recipe("places-lt", "ce", 996)
+    assert ce.backbone == "resnet152+pretrained" and ce.recipe["stage1"]["train_only"] == ["body.layer4.2.", "fc."]
+    fbl = recipe("places-lt", "fbl", 996).recipe
+    assert fbl["stage1"]["schedule"]["steps"] == [[60, 0.1], [80, 0.01]] and fbl["deviations"]
+
+
+def test_fbl_large_benchmark_loop():
+    fbl = recipe("imagenet-lt", "fbl", 256)
+    stage = fbl.recipe["stage1"]
+    assert (stage["epochs"], stage["weight_decay"], stage["lr"], stage["batch_size"]) == (200, 2e-4, 0.2, 512)
+    assert stage["schedule"] == {"kind": "warmup-step", "warmup_epochs": 5, "steps": [[120, 0.1], [160, 0.01]]}
+    assert fbl.recipe["lambda"] == 150 and fbl.recipe["augmentation"] == "rrc+flip" and fbl.backbone == "resnet50"
+    assert recipe("imagenet-lt", "ce", 256).recipe["augmentation"] == "rrc+flip+jitter"
+
+
+@pytest.mark.parametrize("dataset,rho,variant,beta,gamma", [
+    ("cifar10-lt", 100, "focal", 0.9999, 1.0), ("cifar10-lt", 50, "focal", 0.9999, 2.0),
+    ("cifar10-lt", 10, "sigmoid", 0.9999, None), ("cifar100-lt", 100, "focal", 0.9, 1.0),
+    ("cifar100-lt", 50, "sigmoid", 0.99, None), ("cifar100-lt", 10, "focal", 0.999, 0.5)])
+def test_class_balanced_loss_takes_cui_table_2s_best_variant(dataset, rho, variant, beta, gamma):
+    r = recipe(dataset, "cb_loss", rho).recipe
+    assert (r["variant"], r["beta"]) == (variant, beta) and (gamma is None or r["gamma"] == gamma)
+    assert r["stage1"]["schedule"]["warmup_per"] == "step" and r["normalisation"]["mean"] == pytest.approx(128 / 255)
+
+
+@pytest.mark.parametrize("dataset,rho,head,tail,factor,bn", [
+    ("cifar10-lt", 100, 0.3, 0.0, 0.5, "eval"), ("cifar10-lt", 50, 0.2, 0.0, 0.2, "eval"),
+    ("cifar10-lt", 10, 0.1, 0.0, 0.2, "eval"), ("cifar100-lt", 100, 0.4, 0.1, 0.2, "train"),
+    ("cifar100-lt", 50, 0.3, 0.0, 0.1, "train"), ("cifar100-lt", 10, 0.2, 0.0, 0.1, "train")])
+def test_mislas_per_benchmark_settings(dataset, rho, head, tail, factor, bn):
+    r = recipe(dataset, "mislas", rho).recipe
+    assert (r["smooth_head"], r["smooth_tail"], r["lr_factor"], r["stage2"]["bn_mode"]) == (head, tail, factor, bn)
+    assert r["stage2"]["epoch_steps"] == "ceil+1" and r["stage2"]["schedule"]["step_at"] == "epoch-end"
+    assert r["stage1"]["schedule"]["steps"] == [[160, 0.1], [180, 0.01]]
+
+
+@pytest.mark.parametrize("dataset,rho,epochs,warmup", [
+    ("cifar10-lt", 100, 520, 32), ("cifar10-lt", 50, 465, 29), ("cifar10-lt", 10, 325, 20),
+    ("cifar100-lt", 100, 591, 37), ("cifar100-lt", 50, 520, 32), ("cifar100-lt", 10, 334, 21)])
+def test_balms_iterations_become_epochs_per_benchmark(dataset, rho, epochs, warmup):
+    """ceil(13000 / ceil(N / 512)) epochs, ceil(800 / ceil(N / 512)) of warm-up."""
+    r = recipe(dataset, "balanced_softmax", rho).recipe
+    n = {("cifar10-lt", 100): 12406, ("cifar10-lt", 50): 13996, ("cifar10-lt", 10): 20431,
+         ("cifar100-lt", 100): 10847, ("cifar100-lt", 50): 12608, ("cifar100-lt", 10): 19573}[(dataset, rho)]
+    loader_len = -(-n // 512)
+    assert (epochs, warmup) == (-(-13000 // loader_len), -(-800 // loader_len))
+    assert (r["stage1"]["epochs"], r["stage1"]["schedule"]["warmup_epochs"]) == (epochs, warmup)
+    assert r["augmentation"] == "crop+flip+autoaugment+cutout" and r["stage1"]["epoch_steps"] == "floor"
+
+
+def test_a_method_without_a_recipe_says_it_borrows_ces():
+    r = recipe("imagenet-lt", "focal", 256).recipe
+    assert r["deviations"] == ["no recipe for 'focal' on imagenet-lt: CE's recipe is used"]
