@@ -143,6 +143,40 @@ def sweep(benchmarks, methods, datasets, rhos, seeds, preset, epochs, jobs, exec
         sys.exit(1)
 
 
+@cli.command(cls=GreedyCommand)
+@click.option("--method", required=True, help="Method name (`harness list methods`).")
+@click.option("--dataset", required=True, help="Dataset name (`harness list datasets`).")
+@click.option("--rho", required=True, help="Imbalance ratio (>= 1) or 'natural'.")
+@click.option("--param", "params", multiple=True,
+              help="KEY=SPACE over the method's declared space: stage1.weight_decay=loguniform(1e-4,5e-2); "
+                   "uniform(lo,hi), int(lo,hi), categorical(a,b,...).")
+@click.option("--trials", type=int, default=20, show_default=True, help="Complete trials the study should hold.")
+@click.option("--preset", default="paper", show_default=True, help="Budget of the trials and of the tuned runs.")
+@click.option("--seed", "--seeds", "seeds", type=int, multiple=True,
+              help="Seeds of the tuned runs [0]; the first also seeds the trials and the sampler.")
+@click.option("--jobs", type=int, default=1, show_default=True, help="Trial processes working on the study here.")
+@click.option("--study", help="Study name [method-dataset-rho-preset-seed-space].")
+@click.option("--no-final", is_flag=True, help="Search only (another process trains the chosen values).")
+@click.option("--epochs", type=int, help="Override stage-1 epochs (trials and tuned runs).")
+@training_options
+@click.option("--benchmarks", envvar="HARNESS_BENCHMARKS", help="benchmarks.yaml to use.")
+def tune(method, dataset, rho, params, trials, preset, seeds, jobs, study, no_final, epochs, device, data_root,
+         download, db, cache_dir, no_progress, benchmarks) -> None:
+    """Tune METHOD's hyper-parameters on the validation split (Optuna TPE); train the chosen
+    values with the seeds as preset `tuned`. The study lives in the results store's database."""
+    from harness.runner import RunRequest
+    from harness.tune import TuneRequest, tune as run_tune
+
+    run = RunRequest(method=method, dataset=dataset, rho=parse_rho(rho), seeds=list(dict.fromkeys(seeds)) or [0],
+                     preset=preset, epochs=epochs, device=device, data_root=data_root, download=download, db=db,
+                     cache_dir=cache_dir, benchmarks=benchmarks, progress=not no_progress)
+    result = run_tune(TuneRequest(run=run, params=list(params), trials=trials, study=study, jobs=jobs,
+                                  final=not no_final), report=click.echo)
+    for run_id, metrics in zip(result.get("runs", []), result.get("results", [])):
+        click.echo(f"{run_id}: test top-1 {fmt(metrics['all'])}, many {fmt(metrics['many'])}, "
+                   f"medium {fmt(metrics['medium'])}, few {fmt(metrics['few'])}")
+
+
 @cli.group()
 def db() -> None:
     """Results-store maintenance."""

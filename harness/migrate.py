@@ -3,18 +3,25 @@
 A new store is created at the newest schema and stamped; a store at an older schema
 (including a results.db from before migrations, which has tables but no version) is
 refused with the command that upgrades it: `harness db upgrade`.
+
+The harness keeps its revision in its own table, `harness_alembic_version`: Optuna's
+study storage (`harness tune`), which lives in the same database, keeps its own in
+Alembic's default `alembic_version`. Stores stamped before that (our revision in
+`alembic_version`) are moved over by `harness db upgrade`.
 """
 from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import Connection, Engine
 
 from harness import HarnessError
 
 BASELINE = "0001"  # the schema results.db had before migrations existed
+VERSION_TABLE = "harness_alembic_version"
+LEGACY_TABLE = "alembic_version"  # where our revision was kept before Optuna shared the database
 
 
 def alembic_config(connection: Connection):
@@ -33,11 +40,27 @@ def head_revision() -> str:
     return ScriptDirectory.from_config(alembic_config(None)).get_current_head()
 
 
+def our_revisions() -> set[str]:
+    from alembic.script import ScriptDirectory
+
+    return {s.revision for s in ScriptDirectory.from_config(alembic_config(None)).walk_revisions()}
+
+
+def legacy_revision(conn: Connection) -> str | None:
+    """Our revision where an older harness stamped it: in Alembic's default table."""
+    if not inspect(conn).has_table(LEGACY_TABLE):
+        return None
+    rows = [r[0] for r in conn.execute(text(f"SELECT version_num FROM {LEGACY_TABLE}"))]
+    return next((r for r in rows if r in our_revisions()), None)
+
+
 def current_revision(conn: Connection) -> str | None:
     """The stamped revision; BASELINE for a pre-migration store; None for an empty one."""
     from alembic.runtime.migration import MigrationContext
 
-    revision = MigrationContext.configure(conn).get_current_revision()
+    revision = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
+    if revision is None:
+        revision = legacy_revision(conn)
     if revision is None and inspect(conn).has_table("runs"):
         return BASELINE
     return revision
@@ -51,7 +74,7 @@ def ensure_schema(engine: Engine, url: str, metadata) -> None:
         if revision is None:
             metadata.create_all(conn)
             command.stamp(alembic_config(conn), "head")
-        elif revision != head_revision():
+        elif revision != head_revision() or legacy_revision(conn) is not None:
             raise HarnessError(f"results store {url} has schema {revision}, this harness needs {head_revision()}; "
                                f"run `harness db upgrade --db {url}` (keeps every row)")
 
@@ -66,7 +89,13 @@ def upgrade(url: str) -> tuple[str | None, str]:
         with engine.begin() as conn:
             before = current_revision(conn)
             cfg = alembic_config(conn)
-            if before == BASELINE and not inspect(conn).has_table("alembic_version"):
+            legacy = legacy_revision(conn)
+            if legacy is not None:  # move our stamp out of the table Optuna uses
+                conn.execute(text(f"DELETE FROM {LEGACY_TABLE} WHERE version_num = :v"), {"v": legacy})
+                if conn.execute(text(f"SELECT COUNT(*) FROM {LEGACY_TABLE}")).scalar() == 0:
+                    conn.execute(text(f"DROP TABLE {LEGACY_TABLE}"))
+                command.stamp(cfg, legacy)
+            elif before == BASELINE and not inspect(conn).has_table(VERSION_TABLE):
                 command.stamp(cfg, BASELINE)
             command.upgrade(cfg, "head")
     finally:

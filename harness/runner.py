@@ -5,11 +5,12 @@ written, so bad input leaves the store untouched.
 """
 from __future__ import annotations
 
+import copy
 import sys
 import time
 import traceback
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from harness import HarnessError
 from harness.augment import augmentation_transforms
 from harness.checkpoints import (cache_root, check_cache_root, drop_epoch_checkpoint, epoch_checkpoint_path,
                                  load_checkpoint, save_atomic, stage1_key, stage1_path)
-from harness.config import RunConfig, load_benchmarks, resolve
+from harness.config import RunConfig, check_recipe, load_benchmarks, resolve
 from harness.data import LTData, group_accuracies, per_class_accuracy, shot_group
 from harness.distributed import init_from_env, is_main, world
 from harness.engine import (DeviceData, Trainer, TrainSpec, device_name, fit_many, predict, resolve_device,
@@ -50,6 +51,9 @@ class RunRequest:
     benchmarks: str | None = None
     progress: bool = True
     study: str | None = None      # set for the trials of `harness tune`: stored, never ranked
+    overrides: dict = field(default_factory=dict)   # dotted recipe key -> value (a tuning trial's)
+    preset_label: str | None = None                 # the preset name stored (`tuned`), its budget `preset`'s
+    extra: dict = field(default_factory=dict)       # provenance stored with the runs (a trial's, a tuning's)
 
 
 @dataclass
@@ -75,6 +79,10 @@ def prepare(req: RunRequest, seed: int) -> tuple[Method, object, RunConfig]:
                   val_per_class=req.val_per_class,
                   method_default_recipe=getattr(method, "default_recipe", None),
                   default_augmentation=getattr(spec, "augmentation", "crop+flip"))
+    if req.overrides:
+        cfg = with_overrides(cfg, req.overrides, f"{req.dataset} / {req.method}")
+    if req.preset_label:
+        cfg = replace(cfg, preset=req.preset_label)
     missing = [key for key in getattr(method, "recipe_keys", ()) if not has_key(cfg.recipe, key)]
     if missing:
         raise HarnessError(f"the recipe of {req.method} on {req.dataset} lacks {', '.join(missing)}; "
@@ -84,6 +92,34 @@ def prepare(req: RunRequest, seed: int) -> tuple[Method, object, RunConfig]:
         check_rho(cfg.rho)
     check_backbone(cfg.backbone)
     return method, spec, cfg
+
+
+def recipe_keys(recipe: dict, prefix: str = "") -> set[str]:
+    """The dotted keys of a recipe's values (not of its mappings): stage1.weight_decay, beta, ..."""
+    keys = set()
+    for key, value in recipe.items():
+        if isinstance(value, dict):
+            keys |= recipe_keys(value, f"{prefix}{key}.")
+        else:
+            keys.add(f"{prefix}{key}")
+    return keys
+
+
+def with_overrides(cfg: RunConfig, overrides: dict, where: str) -> RunConfig:
+    """The config with dotted recipe keys set (a tuning trial's values), checked again."""
+    recipe = copy.deepcopy(cfg.recipe)
+    unknown = [key for key in overrides if key not in recipe_keys(recipe)]
+    if unknown:
+        raise HarnessError(f"{', '.join(unknown)} not in the recipe of {where}; keys: "
+                           f"{', '.join(sorted(recipe_keys(recipe)))}")
+    for key, value in overrides.items():
+        *path, last = key.split(".")
+        node = recipe
+        for part in path:
+            node = node[part]
+        node[last] = value
+    check_recipe(recipe, f"{where} with {overrides}")
+    return replace(cfg, recipe=recipe)
 
 
 def has_key(recipe: dict, dotted: str) -> bool:
@@ -124,7 +160,7 @@ def execute(req: RunRequest) -> list[RunResult]:
     data = spec.build(cfg0.rho, cfg0.generator, cfg0.val_per_class, root, req.download)
     checksum = data.checksum()
     ddata = spec.device_data(data, device, cfg0.recipe)
-    jobs = [plan_job(method, cfg, spec, data, ddata, checksum, cache) for method, _, cfg in prepared]
+    jobs = [plan_job(method, cfg, spec, data, ddata, checksum, cache, req.extra) for method, _, cfg in prepared]
     # opened only once the request is known to be good: bad input creates nothing; under
     # torchrun only rank 0 writes (the others train their shards and evaluate alike)
     store = Store(req.db) if rank == 0 else None
@@ -135,7 +171,7 @@ def execute(req: RunRequest) -> list[RunResult]:
             backbone=job.cfg.backbone, seed=job.cfg.seed, generator=job.cfg.generator, preset=job.cfg.preset,
             config=job.cfg.to_dict(), config_hash=job.cfg.config_hash(), status="running", started_at=now(),
             device=where, git_commit=git_commit(), versions=package_versions(),
-            data_checksum=checksum, extra={}, study=req.study))
+            data_checksum=checksum, extra=dict(req.extra), study=req.study))
     results, start = [], time.perf_counter()
     try:
         stage1([job for job in jobs if not job.cached], ddata, cache, req)
@@ -166,7 +202,7 @@ class Job:
 
 
 def plan_job(method: Method, cfg: RunConfig, spec, data: LTData, ddata: DeviceData, checksum: str,
-             cache: Path) -> Job:
+             cache: Path, extra: dict) -> Job:
     """Build the model and the method's stage-1 setup, and load stage 1 from the cache or
     prepare its trainer; nothing here writes."""
     torch.manual_seed(cfg.seed)
@@ -174,6 +210,7 @@ def plan_job(method: Method, cfg: RunConfig, spec, data: LTData, ddata: DeviceDa
     model = build_model(cfg.backbone, data.num_classes, spec.channels)
     model = model.to(ddata.device, memory_format=torch.channels_last)
     ctx = RunContext(data=ddata, train_counts=data.train_counts, recipe=cfg.recipe, seed=cfg.seed)
+    ctx.extra.update(extra)
     if world()[1] > 1:
         ctx.extra["world_size"] = world()[1]
     method.stage1_model(model, ctx)

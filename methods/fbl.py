@@ -32,6 +32,7 @@ class FeatureBalancedLoss(Method):
     name = "fbl"
     title = "FBL (feature-balanced loss)"
     paper = "Li et al., Feature-Balanced Loss for Long-Tailed Visual Recognition, ICME 2022"
+    tunables = {"lambda": "uniform(0, 200)"}   # its CIFAR 60 and large-benchmark 150 inside
 
     def stage1_loss(self, ctx: RunContext):
         lam = float(ctx.recipe.get("lambda", 60.0))

@@ -11,6 +11,7 @@ class LogitAdjustedLoss(Method):
     title = "Logit-adjusted loss"
     paper = "Menon et al., Long-tail learning via logit adjustment, ICLR 2021"
     recipe_keys = ("tau",)
+    tunables = {"tau": "uniform(0, 3)"}
 
     def stage1_loss(self, ctx: RunContext):
         tau = float(ctx.recipe["tau"])

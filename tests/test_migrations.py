@@ -49,7 +49,7 @@ def test_new_store_is_created_at_the_newest_schema(tmp_path):
     url = f"sqlite:///{tmp_path / 'new.db'}"
     Store(url)
     with sqlite3.connect(tmp_path / "new.db") as con:
-        assert con.execute("select version_num from alembic_version").fetchall() == [(head_revision(),)]
+        assert con.execute("select version_num from harness_alembic_version").fetchall() == [(head_revision(),)]
         assert "failed_epoch" in [r[1] for r in con.execute("pragma table_info(runs)")]
 
 
@@ -64,3 +64,24 @@ def test_db_upgrade_command(tmp_path):
     assert out.returncode == 0 and f"schema 0001 -> {head_revision()}" in out.stdout, out.stderr
     listed = harness("list", "runs", "--db", url)
     assert listed.returncode == 0 and "r1" in listed.stdout and "70.50" in listed.stdout
+
+
+def test_a_store_stamped_in_alembics_default_table_moves_to_the_harness_table(tmp_path):
+    """Before Optuna shared the database, the harness stamped `alembic_version`: such a store is
+    refused, and `db upgrade` moves the stamp so that Optuna can have that table."""
+    path = tmp_path / "results.db"
+    url = f"sqlite:///{path}"
+    Store(url)
+    with sqlite3.connect(path) as con:  # what an older harness left: its stamp in Alembic's default table
+        con.execute("alter table harness_alembic_version rename to alembic_version")
+        con.execute("update alembic_version set version_num = '0002'")
+        con.execute("drop index ix_runs_study")
+        con.execute("alter table runs drop column study")
+    with pytest.raises(HarnessError, match="has schema 0002"):
+        Store(url)
+    assert upgrade(url) == ("0002", head_revision())
+    with sqlite3.connect(path) as con:
+        tables = {r[0] for r in con.execute("select name from sqlite_master where type = 'table'")}
+        assert "alembic_version" not in tables
+        assert con.execute("select version_num from harness_alembic_version").fetchall() == [(head_revision(),)]
+    assert Store(url).list_runs() == []

@@ -65,7 +65,7 @@ def test_a_store_from_before_migrations_is_refused_then_upgraded(store_url):
     engine = create_engine(store_url)
     with engine.begin() as con:  # the baseline schema, with no version stamp: a pre-Alembic results.db
         command.upgrade(alembic_config(con), "0001")
-        con.execute(text("DROP TABLE alembic_version"))
+        con.execute(text("DROP TABLE harness_alembic_version"))
         con.execute(text("INSERT INTO runs VALUES ('old', 'ce', 'd', 100, 'b', 0, 'ldam', 'paper', '{}', 'h', "
                          "'completed', '2026-01-01 00:00:00', NULL, 1.0, 'cpu', 'x', '{}', 'c', 0, '{}', NULL)"))
     engine.dispose()

@@ -1,0 +1,222 @@
+"""`harness tune`: a method's hyper-parameters chosen on the validation split (DESIGN.md §9).
+
+Optuna's TPE sampler (seeded) proposes values for dotted recipe keys; each trial is an
+ordinary run of the harness, stored with `runs.study` set so that no leaderboard ranks
+it, and scored by its validation top-1 alone (test numbers are stored, never read). The
+study lives in Optuna's RDB storage in the results store's own database, so processes on
+several machines pointed at one PostgreSQL URL work on one study, and a study that was
+interrupted goes on with the trials it has. The best trial's values are then trained
+with the requested seeds as preset `tuned` (`<preset>-tuned` for another budget than
+paper), a board of its own, with the search in each run's provenance.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+
+from harness import HarnessError
+from harness.runner import RunRequest, execute, prepare, recipe_keys
+
+SPACE = re.compile(r"^\s*(loguniform|uniform|int|categorical)\((.*)\)\s*$")
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched recipe key: `stage1.weight_decay=loguniform(1e-4,5e-2)`."""
+
+    key: str
+    kind: str
+    values: tuple
+
+    @classmethod
+    def parse(cls, text: str) -> "Dimension":
+        key, sep, space = text.partition("=")
+        match = SPACE.match(space)
+        if not sep or not key.strip() or not match:
+            raise HarnessError(f"search space '{text}' is malformed; write KEY=loguniform(lo,hi), uniform(lo,hi), "
+                               "int(lo,hi) or categorical(a,b,...)")
+        kind, args = match.groups()
+        values = tuple(parse_value(v) for v in args.split(",") if v.strip())
+        if kind == "categorical":
+            if not values:
+                raise HarnessError(f"search space '{text}' lists no values")
+        elif len(values) != 2 or not all(isinstance(v, (int, float)) for v in values) or not values[0] < values[1]:
+            raise HarnessError(f"search space '{text}' needs two numbers lo < hi")
+        elif kind == "loguniform" and values[0] <= 0:
+            raise HarnessError(f"search space '{text}': loguniform needs lo > 0")
+        elif kind == "int" and not all(float(v).is_integer() for v in values):
+            raise HarnessError(f"search space '{text}': int needs whole numbers")
+        return cls(key.strip(), kind, values)
+
+    def suggest(self, trial):
+        lo, hi = (self.values + (None, None))[:2]
+        if self.kind == "loguniform":
+            return trial.suggest_float(self.key, lo, hi, log=True)
+        if self.kind == "uniform":
+            return trial.suggest_float(self.key, lo, hi)
+        if self.kind == "int":
+            return trial.suggest_int(self.key, int(lo), int(hi))
+        return trial.suggest_categorical(self.key, list(self.values))
+
+    @property
+    def text(self) -> str:
+        return f"{self.kind}({', '.join(map(str, self.values))})"
+
+
+def parse_value(text: str):
+    text = text.strip()
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+@dataclass
+class TuneRequest:
+    run: RunRequest                    # method, dataset, rho, preset, data, store, device; seeds: the final runs'
+    params: list[str] = field(default_factory=list)   # KEY=SPACE, on top of the method's declared tunables
+    trials: int = 20
+    study: str | None = None
+    jobs: int = 1
+    final: bool = True                 # train the chosen values with the requested seeds afterwards
+
+
+def search_space(req: TuneRequest) -> list[Dimension]:
+    """The method's declared space (from its paper) with the user's dimensions laid over it;
+    every key must be one of the method's resolved recipe."""
+    from harness.registry import METHODS
+
+    method = METHODS.get(req.run.method)
+    space = {key: Dimension.parse(f"{key}={text}") for key, text in getattr(method, "tunables", {}).items()}
+    space.update({d.key: d for d in map(Dimension.parse, req.params)})
+    if not space:
+        raise HarnessError(f"{req.run.method} declares no search space; pass --param KEY=SPACE "
+                           "(e.g. stage1.weight_decay=loguniform(1e-4,5e-2))")
+    _, _, cfg = prepare(req.run, req.run.seeds[0])
+    known = recipe_keys(cfg.recipe)
+    unknown = [key for key in space if key not in known]
+    if unknown:
+        raise HarnessError(f"{', '.join(unknown)} not in the recipe of {req.run.method} on {req.run.dataset}; "
+                           f"keys: {', '.join(sorted(known))}")
+    return list(space.values())
+
+
+def study_name(req: TuneRequest, space: list[Dimension]) -> str:
+    if req.study:
+        return req.study
+    r = req.run
+    digest = hashlib.sha256(json.dumps([[d.key, d.text] for d in space]).encode()).hexdigest()[:8]
+    rho = r.rho if r.rho == "natural" else f"{float(r.rho):g}"
+    return f"{r.method}-{r.dataset}-rho{rho}-{r.preset}-seed{r.seeds[0]}-{digest}"
+
+
+def tuned_preset(preset: str) -> str:
+    return "tuned" if preset == "paper" else f"{preset}-tuned"
+
+
+def open_study(url: str, name: str, seed: int):
+    """The study in Optuna's RDB storage in the store's database (created or loaded)."""
+    try:
+        import optuna
+    except ImportError:
+        raise HarnessError("harness tune needs Optuna: pip install 'ltr-harness[tune]' (or pip install optuna)") \
+            from None
+    from sqlalchemy.exc import SQLAlchemyError
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats
+    engine_kwargs = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {}
+    for attempt in range(5):  # processes starting together race to create Optuna's tables: the loser retries
+        try:
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=30,
+                                                 grace_period=120)
+            return optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
+                                       sampler=optuna.samplers.TPESampler(seed=seed))
+        except (SQLAlchemyError, RuntimeError, ValueError) as exc:
+            if attempt < 4 and isinstance(exc, SQLAlchemyError):
+                time.sleep(0.5 + random.random())
+                continue
+            reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+            raise HarnessError(f"results store {url} cannot hold the study: {reason}") from exc
+
+
+def objective(req: TuneRequest, space: list[Dimension], name: str):
+    """A trial: one run at the proposed values, scored on validation top-1 only."""
+    def run_trial(trial) -> float:
+        params = {d.key: d.suggest(trial) for d in space}
+        run = replace(req.run, seeds=req.run.seeds[:1], overrides=params, study=name, progress=False,
+                      extra={"trial": {"number": trial.number, "params": params}})
+        [result] = execute(run)
+        value = result.metrics["val"]["all"]
+        if value is None or not math.isfinite(value):
+            raise HarnessError("a trial has no validation accuracy; tuning needs a validation split (--val-per-class)")
+        return value
+    return run_trial
+
+
+def complete_trials(study) -> list:
+    import optuna
+
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+
+
+def run_search(req: TuneRequest, space: list[Dimension], name: str, url: str, report=print) -> None:
+    """Trials until the study holds `req.trials` complete ones (those of earlier or parallel
+    processes count)."""
+    import optuna
+
+    study = open_study(url, name, req.run.seeds[0])
+    done = len(complete_trials(study))
+    report(f"study {name}: {done} of {req.trials} trials done")
+    if done >= req.trials:
+        return
+    stop = optuna.study.MaxTrialsCallback(req.trials, states=(optuna.trial.TrialState.COMPLETE,))
+    show = lambda study, trial: report(f"trial {trial.number}: val top-1 {trial.value:.2f} at {trial.params}")  # noqa
+    study.optimize(objective(req, space, name), callbacks=[stop, show], catch=())
+
+
+def search_worker(req: TuneRequest, space: list[Dimension], name: str, url: str) -> None:
+    run_search(req, space, name, url, report=lambda line: None)
+
+
+def tune(req: TuneRequest, report=print) -> dict:
+    """Validate everything, search, then train the best values with the requested seeds."""
+    from harness.store import Store, db_url
+
+    if req.trials < 1:
+        raise HarnessError(f"--trials must be >= 1, got {req.trials}")
+    if req.jobs < 1:
+        raise HarnessError("--jobs must be >= 1")
+    space = search_space(req)
+    name = study_name(req, space)
+    url = db_url(req.run.db)
+    Store(url)  # an unusable store is refused here, before a study is made
+    if req.jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        with ProcessPoolExecutor(req.jobs, mp_context=get_context("spawn")) as pool:
+            for future in [pool.submit(search_worker, req, space, name, url) for _ in range(req.jobs)]:
+                future.result()
+    run_search(req, space, name, url, report)
+    study = open_study(url, name, req.run.seeds[0])
+    best = study.best_trial
+    tuning = {"study": name, "objective": "val top-1", "n_trials": len(complete_trials(study)),
+              "space": {d.key: d.text for d in space}, "chosen": best.params, "best_trial": best.number,
+              "best_val_top1": best.value}
+    report(f"chosen (trial {best.number}, val top-1 {best.value:.2f}): {best.params}")
+    if req.final:
+        final = replace(req.run, overrides=best.params, preset_label=tuned_preset(req.run.preset),
+                        extra={"tuning": tuning})
+        results = execute(final)
+        tuning["runs"] = [r.run_id for r in results]
+        tuning["results"] = [r.metrics["test"] for r in results]
+    return tuning

@@ -1,0 +1,150 @@
+"""`harness tune`: validation-only search, the best trial chosen, studies that survive a kill
+and are shared by processes, trials never ranked, bad input refused before anything is written."""
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from sqlalchemy import select
+
+import harness.tune as tune_mod
+from harness import HarnessError
+from harness.runner import RunRequest
+from harness.store import Run, Store
+from harness.tune import Dimension, TuneRequest, open_study, tune
+from tests.test_cli import plugin_env
+
+SPACE = ["stage1.weight_decay=loguniform(1e-4,5e-2)", "maxnorm_thresh=uniform(0,0.5)"]
+
+
+def request(url, trials=3, seeds=(0,), **kw):
+    run = RunRequest(method="wb", dataset="synth-lt", rho=100, preset="quick", device="cpu", db=url, progress=False,
+                     seeds=list(seeds))
+    return TuneRequest(run=run, params=kw.pop("params", SPACE), trials=trials, **kw)
+
+
+class OffLimits(dict):
+    def __getitem__(self, key):
+        raise AssertionError(f"the search read a test number ({key})")
+
+
+def trial_runs(url, study):
+    with Store(url).session() as s:
+        return list(s.scalars(select(Run).where(Run.study == study, Run.status == "completed")).all())
+
+
+def val_top1(url, run_id):
+    return next(m.top1 for m in Store(url).get_run(run_id).metrics if m.split == "val" and m.group == "all")
+
+
+def test_the_search_never_reads_a_test_number_and_picks_the_best_validation_trial(synth, monkeypatch):
+    real_execute = tune_mod.execute
+
+    def execute_hiding_test(req):
+        results = real_execute(req)
+        if req.study is not None:  # a trial: its test numbers are stored, but the search must not see them
+            for r in results:
+                r.metrics = {"val": r.metrics["val"], "test": OffLimits()}
+        return results
+
+    monkeypatch.setattr(tune_mod, "execute", execute_hiding_test)
+    result = tune(request(synth, trials=3, seeds=(0, 1)), report=lambda line: None)
+    trials = trial_runs(synth, result["study"])
+    assert len(trials) == 3 and all(r.preset == "quick" for r in trials)
+    best = max(trials, key=lambda r: val_top1(synth, r.id))
+    assert result["best_val_top1"] == pytest.approx(val_top1(synth, best.id))
+    assert result["chosen"] == best.extra["trial"]["params"]
+    tuned = [Store(synth).get_run(run_id) for run_id in result["runs"]]
+    assert [r.seed for r in tuned] == [0, 1] and all(r.preset == "quick-tuned" and r.study is None for r in tuned)
+    for r in tuned:
+        assert r.config["recipe"]["stage1"]["weight_decay"] == result["chosen"]["stage1.weight_decay"]
+        assert r.config["recipe"]["maxnorm_thresh"] == result["chosen"]["maxnorm_thresh"]
+        assert r.extra["tuning"]["n_trials"] == 3 and r.extra["tuning"]["space"] == {  # WB's declared space
+            "stage1.weight_decay": "loguniform(0.0001, 0.05)", "stage2.weight_decay": "loguniform(0.001, 1)",
+            "maxnorm_thresh": "uniform(0, 0.5)"}
+
+
+def test_a_longer_study_keeps_the_trials_it_had(synth):
+    first = tune(request(synth, trials=2, final=False), report=lambda line: None)
+    before = {r.extra["trial"]["number"]: r.extra["trial"]["params"] for r in trial_runs(synth, first["study"])}
+    again = tune(request(synth, trials=3, final=False), report=lambda line: None)
+    after = {r.extra["trial"]["number"]: r.extra["trial"]["params"] for r in trial_runs(synth, again["study"])}
+    assert again["study"] == first["study"] and len(after) == 3 and {k: after[k] for k in before} == before
+
+
+def tune_args(url, trials, *extra):
+    return [sys.executable, "-m", "harness.cli", "tune", "--method", "wb", "--dataset", "synth-lt", "--rho", "100",
+            "--preset", "quick", "--device", "cpu", "--no-progress", "--db", url, "--trials", str(trials),
+            "--param", *SPACE, *extra]
+
+
+def test_a_study_killed_mid_trial_goes_on_with_the_trials_it_had(tmp_path):
+    env, _ = plugin_env(tmp_path)
+    env["HARNESS_CACHE"] = str(tmp_path / "cache")
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    args = tune_args(url, 4, "--no-final", "--study", "killed")
+    victim = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and victim.poll() is None:
+        if (tmp_path / "r.db").exists() and len(Store(url).list_runs()) >= 2:  # one trial done, the next started
+            break
+        time.sleep(0.2)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL, "the search finished before it could be killed"
+    done_before = {r.extra["trial"]["number"] for r in Store(url).list_runs() if r.status == "completed"}
+    assert done_before
+    rerun = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"study killed: {len(done_before)} of 4 trials done" in rerun.stdout
+    complete = {t.number for t in tune_mod.complete_trials(open_study(url, "killed", 0))}
+    assert len(complete) == 4 and done_before <= complete  # the trials it had, plus new ones
+
+
+def test_two_processes_share_one_study_without_losing_a_trial(tmp_path, store_url):
+    env, _ = plugin_env(tmp_path)
+    env["HARNESS_CACHE"] = str(tmp_path / "cache")
+    Store(store_url)
+    workers = [subprocess.Popen(tune_args(store_url, 4, "--no-final", "--study", "shared"), env=env, cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for w in workers:
+        _, err = w.communicate(timeout=600)
+        assert w.returncode == 0, err
+    complete = {t.number: t.params for t in tune_mod.complete_trials(open_study(store_url, "shared", 0))}
+    runs = {r.extra["trial"]["number"]: r.extra["trial"]["params"] for r in trial_runs(store_url, "shared")}
+    assert len(complete) >= 4 and runs == complete  # every trial has its run, every run its trial
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(params=["stage9.lr=uniform(0,1)"]), "stage9.lr not in the recipe of wb on synth-lt; keys:"),
+    (dict(params=["stage1.weight_decay=loguniform(1e-4)"]), "needs two numbers lo < hi"),
+    (dict(params=["stage1.weight_decay=between(1,2)"]), "is malformed"),
+    (dict(params=["stage1.weight_decay=uniform(2,1)"]), "needs two numbers lo < hi"),
+    (dict(params=["variant=categorical()"]), "lists no values"),
+    (dict(trials=0), "--trials must be >= 1"),
+])
+def test_bad_searches_are_refused_before_anything_is_written(synth, tmp_path, change, message):
+    with pytest.raises(HarnessError, match=message):
+        tune(request(synth, **change), report=lambda line: None)
+    assert not (tmp_path / "results.db").exists()
+
+
+def test_a_method_without_a_space_asks_for_one(synth, tmp_path):
+    req = request(synth, params=[])
+    req.run.method = "ce"
+    with pytest.raises(HarnessError, match="ce declares no search space; pass --param KEY=SPACE"):
+        tune(req, report=lambda line: None)
+    assert not (tmp_path / "results.db").exists()
+
+
+def test_a_store_that_cannot_hold_a_study_is_refused(synth, tmp_path):
+    url = f"sqlite:///{tmp_path / 'missing' / 'r.db'}"
+    with pytest.raises(HarnessError, match="cannot open results store"):
+        tune(request(url), report=lambda line: None)
+
+
+def test_space_syntax():
+    d = Dimension.parse("stage2.weight_decay = loguniform(1e-3, 1)")
+    assert (d.key, d.kind, d.values, d.text) == ("stage2.weight_decay", "loguniform", (0.001, 1), "loguniform(0.001, 1)")
+    assert Dimension.parse("variant=categorical(softmax, focal)").values == ("softmax", "focal")
+    assert Dimension.parse("x=int(1,4)").values == (1, 4)
