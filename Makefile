@@ -31,11 +31,10 @@ fmnist-data:
 		(apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null; \
 	fi
 
+# Every registered method on Fashion-MNIST-LT (rho 100, preset quick) in one sweep: one process,
+# stage 1 trained once per recipe and reused (CE's by cRT, LWS, tau-norm, NCM, post-hoc LA).
 demo: $(VENV)/.installed fmnist-data
-	@set -e; for m in $$($(HARNESS) list methods --names); do \
-		echo "== $$m on fmnist-lt (rho 100, preset quick)"; \
-		$(HARNESS) run --method $$m --dataset fmnist-lt --rho 100 --preset quick --download --db $(DEMO_DB); \
-	done
+	$(HARNESS) sweep --datasets fmnist-lt --preset quick --download --db $(DEMO_DB)
 	$(HARNESS) report --db $(DEMO_DB)
 
 test: $(VENV)/.installed-dev
@@ -44,6 +43,21 @@ test: $(VENV)/.installed-dev
 # A regular install (the wheel, not the checkout) runs from another directory (.ci/wheel-check).
 wheel-check: $(VENV)/.installed fmnist-data
 	PYTHON=$(PY) .ci/wheel-check
+
+# The GPU proof (README, "Proving it on a GPU"). gpu-prep puts what the GPU machines lack into
+# the git-ignored .whl/ and .devdata/; gpu-proof runs the proof on this machine's own GPU,
+# STEP=correctness|speed|table for one step, PROOF_BUDGET seconds per call.
+PROOF_OUT    ?= .devdata/proof
+PROOF_BUDGET ?= 540
+
+.PHONY: gpu-prep gpu-proof
+
+gpu-prep: $(VENV)/.installed
+	$(PY) bench/gpu_prep.py
+
+gpu-proof: $(VENV)/.installed-dev
+	@test -f .devdata/cifar10-jpeg.tar.gz || $(MAKE) gpu-prep
+	$(PY) bench/gpu_proof.py --out $(PROOF_OUT) --budget-s $(PROOF_BUDGET) $(if $(STEP),--step $(STEP))
 
 clean-cache:
 	rm -rf .harness_cache

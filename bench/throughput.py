@@ -2,13 +2,14 @@
 
   (a) the harness engine (uint8 data on the device, batched augmentation, one host read per epoch)
   (b) a bare PyTorch loop over pre-normalised in-memory tensors, no augmentation (the floor)
-  (c) a reference-style loop: torchvision dataset of PIL images + transforms + DataLoader workers
+  (c) a reference-style loop: torchvision dataset of PIL images + transforms + DataLoader with
+      one worker per CPU core
 
 Prints images/s and ms/step for each and the ratios a/b and a/c; on CUDA also the MFU
-estimate (ResNet-32 ~ 0.41 GFLOP per training image). The wall time of a full run is
-`harness run` itself (its wall_seconds is stored with the run).
+estimate (ResNet-32 ~ 0.41 GFLOP per training image). `--json FILE` writes the same figures,
+each number with its unit. The wall time of a full run is measured by bench/gpu_proof.py.
 
-    python bench/throughput.py [--device cpu|cuda] [--steps 20] [--repeats 3]
+    python bench/throughput.py [--device cpu|cuda] [--steps 20] [--repeats 3] [--json FILE]
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from harness.engine import DeviceData, Trainer, TrainSpec, autocast_for, make_op
 from harness.models import resnet32
 
 GFLOP_PER_TRAIN_IMAGE = 0.41
+PEAK_BF16_TFLOPS = 989   # H100 / H200 SXM, dense
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 
 
@@ -163,7 +165,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="reference loop's DataLoader workers")
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best of each is reported")
     ap.add_argument("--json", help="also write the figures here")
@@ -182,17 +184,30 @@ def main() -> None:
             best[name] = min(best.get(name, float("inf")), fn())
     results = {k: {"img_per_s": args.batch / v, "ms_per_step": 1000 * v} for k, v in best.items()}
     a, b, c = (results[k]["img_per_s"] for k in ("a_engine", "b_bare", "c_reference"))
-    summary = {"device": str(device), "name": torch.cuda.get_device_name() if device.type == "cuda" else
-               f"cpu, {torch.get_num_threads()} threads", "batch": args.batch, "a/b": a / b, "a/c": a / c}
-    if device.type == "cuda":
-        summary["mfu_engine_vs_989_tflops_bf16"] = a * GFLOP_PER_TRAIN_IMAGE * 1e9 / 989e12
     print(f"{'variant':<14}{'img/s':>12}{'ms/step':>10}")
     for k, v in results.items():
         print(f"{k:<14}{v['img_per_s']:>12.0f}{v['ms_per_step']:>10.2f}")
-    print(json.dumps(summary, indent=1))
+    figures = {
+        "device": str(device),
+        "name": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else f"cpu, {torch.get_num_threads()} threads",
+        "batch": unit(args.batch, "images"), "steps": unit(args.steps, "steps"),
+        "repeats": unit(args.repeats, "runs (best kept)"), "workers": unit(args.workers, "DataLoader processes"),
+        "variants": {k: {"img_per_s": unit(v["img_per_s"], "images/s"), "ms_per_step": unit(v["ms_per_step"], "ms")}
+                     for k, v in results.items()},
+        "a/b": unit(a / b, "x"), "a/c": unit(a / c, "x"),
+    }
+    if device.type == "cuda":
+        figures["mfu_engine"] = unit(a * GFLOP_PER_TRAIN_IMAGE * 1e9 / (PEAK_BF16_TFLOPS * 1e12),
+                                     f"fraction of {PEAK_BF16_TFLOPS} TFLOP/s (bf16, dense)")
+    print(json.dumps(figures, indent=1))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"results": results, **summary}, f, indent=1)
+            json.dump(figures, f, indent=1)
+
+
+def unit(value, name: str) -> dict:
+    return {"value": value, "unit": name}
 
 
 if __name__ == "__main__":

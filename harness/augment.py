@@ -106,10 +106,18 @@ class AutoAugment(BatchTransform):
 
     def __init__(self):
         table = [[(OPS.index(op), p, float(RANGES[op][m])) for op, p, m in sub] for sub in CIFAR10_POLICY]
-        self.op = torch.tensor([[t[0] for t in sub] for sub in table])
-        self.prob = torch.tensor([[t[1] for t in sub] for sub in table])
-        self.value = torch.tensor([[t[2] for t in sub] for sub in table])
-        self.signed = torch.tensor([op in SIGNED for op in OPS])
+        self.tables = {"op": torch.tensor([[t[0] for t in sub] for sub in table]),
+                       "prob": torch.tensor([[t[1] for t in sub] for sub in table]),
+                       "value": torch.tensor([[t[2] for t in sub] for sub in table]),
+                       "signed": torch.tensor([op in SIGNED for op in OPS])}
+        self.on_device: dict[torch.device, dict[str, torch.Tensor]] = {}
+
+    def device_tables(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The policy tables on `device`, copied once: a host-to-device copy inside a captured
+        step would break the capture (the engine's warm-up steps fill this before it)."""
+        if device not in self.on_device:
+            self.on_device[device] = {k: v.to(device) for k, v in self.tables.items()}
+        return self.on_device[device]
 
     def draw(self, n, gen, rng, device):
         return {"policy": torch.randint(0, len(CIFAR10_POLICY), (n,), device=device, generator=gen),
@@ -117,13 +125,13 @@ class AutoAugment(BatchTransform):
                 "sign": torch.randint(0, 2, (n, 2), device=device, generator=gen).float() * 2 - 1}
 
     def apply(self, x, target, drawn):
-        dev = x.device
+        tables = self.device_tables(x.device)
         policy = drawn["policy"]
-        op, prob, value = (t.to(dev)[policy] for t in (self.op, self.prob, self.value))
+        op, prob, value = (tables[k][policy] for k in ("op", "prob", "value"))
         for slot in range(2):
             o = op[:, slot]
             active = drawn["u"][:, slot] < prob[:, slot]
-            v = value[:, slot] * torch.where(self.signed.to(dev)[o], drawn["sign"][:, slot], 1.0)
+            v = value[:, slot] * torch.where(tables["signed"][o], drawn["sign"][:, slot], 1.0)
             x = _apply_ops(x, o, active, v)
         return x, target
 
@@ -201,10 +209,12 @@ def _mean_grey(x):
 
 
 def _smooth(x):
-    """ImageFilter.SMOOTH (3x3: 1 1 1 / 1 5 1 / 1 1 1, / 13); border pixels stay as they are."""
+    """ImageFilter.SMOOTH (3x3: 1 1 1 / 1 5 1 / 1 1 1, / 13); border pixels stay as they are.
+    The kernel is built on the device (no host copy inside a captured step)."""
     c = x.shape[1]
-    kernel = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]], device=x.device) / 13.0
-    smoothed = F.conv2d(x, kernel.expand(c, 1, 3, 3), padding=1, groups=c).round()
+    kernel = torch.ones(3, 3, device=x.device)
+    kernel[1, 1] = 5.0
+    smoothed = F.conv2d(x, (kernel / 13.0).expand(c, 1, 3, 3), padding=1, groups=c).round()
     border = torch.ones_like(x, dtype=torch.bool)
     border[:, :, 1:-1, 1:-1] = False
     return torch.where(border, x, smoothed)

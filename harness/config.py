@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import math
 import json
+import math
 import os
-from dataclasses import asdict, dataclass
-from pathlib import Path
-
+from dataclasses import asdict, dataclass, replace
 from numbers import Real
+from pathlib import Path
 
 import yaml
 
@@ -245,6 +244,7 @@ def recipe_rows(doc: dict, dataset: str | None = None) -> list[list[str]]:
 
 
 def flat(mapping: dict, prefix: str = "") -> dict:
+    """{"stage1": {"lr": 0.1}} -> {"stage1.lr": 0.1}"""
     out = {}
     for key, value in mapping.items():
         if isinstance(value, dict):
@@ -252,3 +252,34 @@ def flat(mapping: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def recipe_keys(recipe: dict) -> set[str]:
+    """The dotted keys of a recipe's values (not of its mappings): stage1.weight_decay, beta, ..."""
+    return set(flat(recipe))
+
+
+def with_overrides(cfg: RunConfig, overrides: dict, where: str) -> RunConfig:
+    """The config with dotted recipe keys set (a tuning trial's values), checked again."""
+    recipe = copy.deepcopy(cfg.recipe)
+    unknown = [key for key in overrides if key not in recipe_keys(recipe)]
+    if unknown:
+        raise HarnessError(f"{', '.join(unknown)} not in the recipe of {where}; keys: "
+                           f"{', '.join(sorted(recipe_keys(recipe)))}")
+    for key, value in overrides.items():
+        *path, last = key.split(".")
+        node = recipe
+        for part in path:
+            node = node[part]
+        node[last] = value
+    check_recipe(recipe, f"{where} with {overrides}")
+    return replace(cfg, recipe=recipe)
+
+
+def has_key(recipe: dict, dotted: str) -> bool:
+    node = recipe
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True

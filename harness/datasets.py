@@ -44,7 +44,7 @@ class DatasetSpec:
     crop_padding: int
     flip: bool
     backbone: str
-    loader: Callable[["DatasetSpec", Path | None, bool], RawSplits]
+    loader: Callable[..., RawSplits]   # (spec, data root, download, cache folder) -> RawSplits
     source: str
     augmentation: str = "crop+flip"   # the default; a recipe may name its own
 
@@ -71,9 +71,9 @@ class DatasetSpec:
                           self.flip and "flip" in tokens, device)
 
     def build(self, rho: float, generator: str, val_per_class: int,
-              data_root: Path | None, download: bool = False) -> LTData:
+              data_root: Path | None, download: bool = False, cache: Path | None = None) -> LTData:
         counts = lt_counts(self.n_max, self.num_classes, rho)
-        raw = self.loader(self, data_root, download)
+        raw = self.loader(self, data_root, download, cache)
         check_shapes(self, raw)
         kept = select_lt(raw.train_y, counts, generator)
         val = holdout_val(raw.train_y, kept, val_per_class)
@@ -175,11 +175,11 @@ def folder_signature(top: Path, channels: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def load_folder_splits(spec: DatasetSpec, top: Path) -> RawSplits:
-    """Decode train/ and test/ once; later runs read the decoded tensors from the cache."""
+def load_folder_splits(spec: DatasetSpec, top: Path, cache: Path | None = None) -> RawSplits:
+    """Decode train/ and test/ once; later runs read the decoded tensors from the cache folder."""
     from harness.checkpoints import cache_root, load_checkpoint, save_atomic
 
-    cached_path = cache_root() / "decoded" / f"{folder_signature(top, spec.channels)}.pt"
+    cached_path = cache_root(cache) / "decoded" / f"{folder_signature(top, spec.channels)}.pt"
     cached = load_checkpoint(cached_path)
     if cached is not None:
         return RawSplits(cached["train_x"], cached["train_y"].numpy(), cached["test_x"], cached["test_y"].numpy(),
@@ -195,13 +195,13 @@ def load_folder_splits(spec: DatasetSpec, top: Path) -> RawSplits:
 
 # ---------------------------------------------------------------- CIFAR
 
-def load_cifar(spec: DatasetSpec, root: Path | None, download: bool) -> RawSplits:
+def load_cifar(spec: DatasetSpec, root: Path | None, download: bool, cache: Path | None = None) -> RawSplits:
     from torchvision.datasets import CIFAR10, CIFAR100
 
     cls = CIFAR10 if spec.num_classes == 10 else CIFAR100
     folder = folder_layout(root)
     if folder is not None:
-        return load_folder_splits(spec, folder)
+        return load_folder_splits(spec, folder, cache)
     if root is None:
         root = Path("data")
     pickled = root / cls.base_folder
@@ -248,7 +248,7 @@ def find_idx(directory: Path, stem: str) -> Path | None:
     return None
 
 
-def load_fmnist(spec: DatasetSpec, root: Path | None, download: bool) -> RawSplits:
+def load_fmnist(spec: DatasetSpec, root: Path | None, download: bool, cache: Path | None = None) -> RawSplits:
     candidates = [p for p in (root, root / "FashionMNIST" / "raw" if root else None, FMNIST_SYSTEM_DIR) if p]
     for directory in candidates:
         files = {k: [find_idx(directory, s) for s in v] for k, v in FMNIST_FILES.items()}

@@ -122,6 +122,12 @@ def deferred_weights(ctx: RunContext, beta: float, start_epoch: int) -> Callable
     return lambda epoch: torch.where(epoch >= start_epoch, balanced, ones)
 
 
+def one_hot(target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Boolean one-hot rows by comparison: F.one_hot checks its input's range on the host,
+    a sync that a captured CUDA step cannot make."""
+    return target.unsqueeze(1) == torch.arange(num_classes, device=target.device)
+
+
 def log_priors(ctx: RunContext) -> torch.Tensor:
     """log π_c, the training-set class frequencies."""
     counts = class_counts(ctx)

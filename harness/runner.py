@@ -5,7 +5,6 @@ written, so bad input leaves the store untouched.
 """
 from __future__ import annotations
 
-import copy
 import sys
 import time
 import traceback
@@ -20,7 +19,7 @@ from harness import HarnessError
 from harness.augment import augmentation_transforms
 from harness.checkpoints import (cache_root, check_cache_root, drop_epoch_checkpoint, epoch_checkpoint_path,
                                  load_checkpoint, save_atomic, stage1_key, stage1_path)
-from harness.config import RunConfig, check_recipe, load_benchmarks, resolve
+from harness.config import RunConfig, has_key, load_benchmarks, resolve, with_overrides
 from harness.data import LTData, group_accuracies, per_class_accuracy, shot_group
 from harness.distributed import init_from_env, is_main, world
 from harness.engine import (DeviceData, Trainer, TrainSpec, device_name, fit_many, predict, resolve_device,
@@ -94,43 +93,6 @@ def prepare(req: RunRequest, seed: int) -> tuple[Method, object, RunConfig]:
     return method, spec, cfg
 
 
-def recipe_keys(recipe: dict, prefix: str = "") -> set[str]:
-    """The dotted keys of a recipe's values (not of its mappings): stage1.weight_decay, beta, ..."""
-    keys = set()
-    for key, value in recipe.items():
-        if isinstance(value, dict):
-            keys |= recipe_keys(value, f"{prefix}{key}.")
-        else:
-            keys.add(f"{prefix}{key}")
-    return keys
-
-
-def with_overrides(cfg: RunConfig, overrides: dict, where: str) -> RunConfig:
-    """The config with dotted recipe keys set (a tuning trial's values), checked again."""
-    recipe = copy.deepcopy(cfg.recipe)
-    unknown = [key for key in overrides if key not in recipe_keys(recipe)]
-    if unknown:
-        raise HarnessError(f"{', '.join(unknown)} not in the recipe of {where}; keys: "
-                           f"{', '.join(sorted(recipe_keys(recipe)))}")
-    for key, value in overrides.items():
-        *path, last = key.split(".")
-        node = recipe
-        for part in path:
-            node = node[part]
-        node[last] = value
-    check_recipe(recipe, f"{where} with {overrides}")
-    return replace(cfg, recipe=recipe)
-
-
-def has_key(recipe: dict, dotted: str) -> bool:
-    node = recipe
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
-
-
 def trainable(model: torch.nn.Module, groups: list[dict] | None, prefixes: list[str] | None) -> list | None:
     """The stage-1 parameters: the method's groups, limited by the recipe's `train_only`
     name prefixes (the rest frozen: no gradient, no update, no weight decay)."""
@@ -157,7 +119,7 @@ def execute(req: RunRequest) -> list[RunResult]:
     if root is not None and not root.is_dir():
         raise HarnessError(f"data root {root} is not a directory; pass --data-root DIR or set HARNESS_DATA_ROOT")
     cache = check_cache_root(cache_root(req.cache_dir))
-    data = spec.build(cfg0.rho, cfg0.generator, cfg0.val_per_class, root, req.download)
+    data = spec.build(cfg0.rho, cfg0.generator, cfg0.val_per_class, root, req.download, cache)
     checksum = data.checksum()
     ddata = spec.device_data(data, device, cfg0.recipe)
     jobs = [plan_job(method, cfg, spec, data, ddata, checksum, cache, req.extra) for method, _, cfg in prepared]

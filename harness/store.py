@@ -98,12 +98,22 @@ def db_url(explicit: str | None = None) -> str:
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    # The driver's own transaction handling leaves DDL outside transactions; SQLAlchemy's
+    # `begin` event below issues BEGIN itself, so a new store's tables and stamp appear at once.
+    dbapi_conn.isolation_level = None
     # WAL so that parallel runs can write; a busy timeout instead of "database is locked".
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
+
+
+def _sqlite_begin(conn) -> None:
+    # IMMEDIATE takes the write lock up front, waiting out the busy timeout: a transaction
+    # that read first and wrote later could fail at once in WAL mode when another process
+    # wrote in between, and processes opening a new store together create it one at a time.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 class Store:
@@ -114,6 +124,7 @@ class Store:
             self.engine = create_engine(self.url, **kwargs)
             if self.url.startswith("sqlite"):
                 event.listen(self.engine, "connect", _sqlite_pragmas)
+                event.listen(self.engine, "begin", _sqlite_begin)
             ensure_schema(self.engine, self.url, Base.metadata)
         except (SQLAlchemyError, ImportError, ValueError) as exc:
             reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]

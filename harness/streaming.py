@@ -99,7 +99,8 @@ class ListDatasetSpec:
         path = self._list(self._root(data_root), "train")
         return ratio(np.bincount([y for _, y in read_split_list(path)]))
 
-    def build(self, rho, generator, val_per_class, data_root: Path | None, download: bool = False) -> FileLTData:
+    def build(self, rho, generator, val_per_class, data_root: Path | None, download: bool = False,
+              cache: Path | None = None) -> FileLTData:
         data_root = self._root(data_root)
         if generator != "natural":
             raise HarnessError(f"{self.title} has a fixed long tail (its split lists); pass --rho natural")
@@ -179,7 +180,8 @@ class FolderLTSpec(ListDatasetSpec):
     def natural_rho(self, data_root: Path | None) -> float:
         return ratio(np.bincount([y for _, y in self._tree(data_root)["train"]]))
 
-    def build(self, rho, generator, val_per_class, data_root: Path | None, download: bool = False) -> FileLTData:
+    def build(self, rho, generator, val_per_class, data_root: Path | None, download: bool = False,
+              cache: Path | None = None) -> FileLTData:
         from harness.data import holdout_val, lt_counts, select_lt
 
         tree = self._tree(data_root)

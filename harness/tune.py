@@ -21,7 +21,8 @@ import warnings
 from dataclasses import dataclass, field, replace
 
 from harness import HarnessError
-from harness.runner import RunRequest, execute, prepare, recipe_keys
+from harness.config import recipe_keys
+from harness.runner import RunRequest, execute, prepare
 
 SPACE = re.compile(r"^\s*(loguniform|uniform|int|categorical)\((.*)\)\s*$")
 

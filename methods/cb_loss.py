@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness import HarnessError
-from harness.method import Method, RunContext, class_balanced_weights, class_counts
+from harness.method import Method, RunContext, class_balanced_weights, class_counts, one_hot
 
 VARIANTS = ("softmax", "sigmoid", "focal")
 
@@ -19,7 +19,7 @@ def cb_loss(logits, target, weights, variant: str, gamma: float = 0.0):
     w = weights[target]
     if variant == "softmax":
         return (w * F.cross_entropy(logits, target, reduction="none")).sum() / logits.shape[0]
-    onehot = F.one_hot(target, logits.shape[1]).float()
+    onehot = one_hot(target, logits.shape[1]).float()
     bce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
     if variant == "focal":  # (1 − p_t)^γ as Cui writes it: exp(−γ·y·z − γ·log(1 + e^(−z))), stably
         bce = bce * torch.exp(-gamma * (onehot * logits + F.softplus(-logits)))

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.method import Method, RunContext, class_counts, deferred_weights
+from harness.method import Method, RunContext, class_counts, deferred_weights, one_hot
 
 
 class NormedLinear(nn.Module):
@@ -29,7 +29,7 @@ def margins(counts: torch.Tensor, max_margin: float) -> torch.Tensor:
 
 def ldam_loss(logits, target, class_margins, scale, weight=None):
     """Cross-entropy of s·(z − m_y·onehot): the margin only on the target logit."""
-    onehot = F.one_hot(target, logits.shape[1]).bool()
+    onehot = one_hot(target, logits.shape[1])
     adjusted = torch.where(onehot, logits - class_margins[target].unsqueeze(1), logits)
     return F.cross_entropy(scale * adjusted, target, weight=weight)
 

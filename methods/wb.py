@@ -5,14 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from harness.engine import TrainSpec
-from harness.method import Method, RunContext, class_balanced_weights, class_counts, stage2_spec
+from harness.method import Method, RunContext, class_balanced_weights, class_counts, one_hot, stage2_spec
 
 
 def class_balanced_loss(logits, target, weights):
     """Binary cross-entropy on softmax probabilities, weighted by each sample's class,
     averaged over batch and classes (the official code's 'softmax' variant)."""
     probs = logits.softmax(dim=1)
-    onehot = F.one_hot(target, logits.shape[1]).float()
+    onehot = one_hot(target, logits.shape[1]).float()
     per_sample = weights[target].unsqueeze(1).expand_as(probs)
     return F.binary_cross_entropy(probs, onehot, weight=per_sample)
 

@@ -13,7 +13,7 @@ SIZE = 8
 CLASSES = 6
 
 
-def synth_loader(spec: DatasetSpec, root, download) -> RawSplits:
+def synth_loader(spec: DatasetSpec, root, download, cache=None) -> RawSplits:
     rng = np.random.RandomState(7)
     patterns = rng.randint(0, 256, size=(CLASSES, 1, SIZE, SIZE))
 

@@ -1,0 +1,121 @@
+"""bench/gpu_proof.py on the CPU: the smoke of every step, the device round trip of its output,
+and the budget's stop of a subprocess group."""
+import importlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.store import Store
+
+REPO = Path(__file__).resolve().parent.parent
+PROOF = REPO / "bench" / "gpu_proof.py"
+
+
+def proof(*args, timeout=240):
+    return subprocess.run([sys.executable, str(PROOF), *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def bare_numbers(node, path="") -> list[str]:
+    """Where figures.json holds a number that is not the value of a {"value", "unit"} figure
+    (seeds are names, not measurements)."""
+    if isinstance(node, dict):
+        if set(node) == {"value", "unit"} and isinstance(node["unit"], str):
+            return []
+        return [p for key, value in node.items() if key != "seeds" for p in bare_numbers(value, f"{path}/{key}")]
+    if isinstance(node, list):
+        return [p for i, value in enumerate(node) for p in bare_numbers(value, f"{path}/{i}")]
+    return [path] if isinstance(node, (int, float)) and not isinstance(node, bool) else []
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One smoke call of every step, exported as for a GPU machine: (out folder, export folder, result)."""
+    base = tmp_path_factory.mktemp("proof")
+    out, exported = base / "out", base / "export"
+    return out, exported, proof("--smoke", "--out", out, "--export", exported)
+
+
+def test_the_smoke_runs_every_step_and_records_every_figure_with_its_unit(smoke):
+    out, _, result = smoke
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    figures = json.loads((out / "figures.json").read_text())
+    assert bare_numbers(figures) == []
+
+    correctness = figures["correctness"]   # no CUDA here: every test is listed, skipped with its reason
+    assert correctness["status"] == "skipped" and len(correctness["tests"]) >= 10
+    assert all(t["outcome"] == "skipped" and "CUDA" in t["message"] for t in correctness["tests"].values())
+
+    speed = figures["speed"]
+    assert set(speed["throughput"]["variants"]) == {"a_engine", "b_bare", "c_reference"}
+    assert speed["throughput"]["a/c"]["value"] > 0 and speed["throughput"]["workers"]["value"] >= 1
+    assert speed["data_loading"]["train_images"]["value"] == 199   # n_max 50 at rho 10
+    for timed, seeds in (("single_run", [0]), ("concurrent_runs", [0])):
+        run = speed[timed]
+        assert run["seeds"] == seeds and run["epochs"]["value"] == 1
+        assert all(run[part]["value"] > 0 for part in ("training", "evaluation", "startup_and_data_loading"))
+        assert run["training"]["value"] < run["process_wall"]["value"]
+
+    table = figures["table"]
+    assert table["sweep_complete"] and not table["sweep_calls"][0]["stopped_at_budget"]
+    assert set(table["results"]["10"]) == {"ce", "crt"}
+    assert table["results"]["10"]["crt"]["engines"] == ["stage1: eager", "stage2: eager"]
+    assert table["timing"]["10"]["runs"]["value"] == table["timing"]["10"]["expected"]["value"] == 2
+    assert table["balanced"]["top1"]["unit"] == "%"
+    assert (out / "reports" / "index.html").is_file()
+    assert set(figures["goals"]) == {"one_run", "engine_vs_reference_loop", "table", "within_1_point"}
+    assert figures["goals"]["one_run"]["measured"]["value"] > 0
+
+
+def test_the_export_fits_the_device_tool_and_a_later_call_resumes_from_it(smoke, tmp_path):
+    out, exported, result = smoke
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    files = sorted(p.name for p in exported.iterdir())
+    assert {"figures.json", "results.db", "speed.db", "proof.log", "reports.tar.gz", "resume-1.tar"} <= set(files)
+    assert len(files) <= 8 and all((exported / f).stat().st_size < 16 * 2**20 for f in files)
+
+    # the next call on another machine gets only the exported files; its table figures were lost
+    later = tmp_path / "later"
+    shutil.copytree(exported, later)
+    figures = json.loads((later / "figures.json").read_text())
+    del figures["table"]
+    (later / "figures.json").write_text(json.dumps(figures))
+    again = proof("--smoke", "--out", later, "--step", "table")
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert "restoring checkpoints from resume-1.tar" in again.stdout and any((later / "cache" / "stage1").glob("*.pt"))
+    assert "0 runs to do, 2 already in the store" in again.stdout   # the store came along: nothing trains again
+    assert "table: balanced run" not in again.stdout
+    assert len(Store(f"sqlite:///{later / 'results.db'}").list_runs()) == 3
+    assert set(json.loads((later / "figures.json").read_text())["table"]["results"]["10"]) == {"ce", "crt"}
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state == "Z"
+
+
+def test_the_budget_stops_the_whole_process_group(monkeypatch):
+    monkeypatch.syspath_prepend(str(PROOF.parent))
+    gpu_proof = importlib.import_module("gpu_proof")
+    lines = []
+    sleeper = ("import subprocess, sys, time; "
+               "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+               "print(child.pid, flush=True); time.sleep(60)")
+    start = time.monotonic()
+    finished = gpu_proof.run_bounded([sys.executable, "-c", sleeper], 2.0, lines.append)
+    assert finished.returncode is None and not finished.ok   # stopped at the budget
+    assert time.monotonic() - start < 2.0 + gpu_proof.GRACE_S
+    grandchild = int(finished.lines[0])
+    assert lines[0] == "  | " + finished.lines[0]   # the output is streamed to the log as it comes
+    deadline = time.monotonic() + 5
+    while not process_gone(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process_gone(grandchild)
