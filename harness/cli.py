@@ -335,9 +335,8 @@ def check_writable(path, folder: bool) -> None:
 def main() -> None:
     try:
         cli.main(prog_name="harness", standalone_mode=False)
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
+        dist = sys.modules.get("torch.distributed")  # a command that never imported torch has no process group
+        if dist is not None and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     except HarnessError as exc:
         click.echo(f"error: {exc}", err=True)

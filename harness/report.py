@@ -2,12 +2,12 @@
 terminal), CSV, LaTeX and the Papers-with-Code sota-extractor JSON.
 
 A board is one (dataset, rho, preset): results of different presets are never
-ranked together. Seeds are aggregated here, at report time (mean, sample std, n).
+ranked together, and trials of a hyper-parameter search (runs.study set) never at all.
+Seeds are aggregated here, at report time (mean, sample std, n), per method and setup
+(backbone, generator, epochs, augmentation): the setup a paper reference is compared with.
 """
 from __future__ import annotations
 
-import base64
-import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -15,54 +15,117 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import select
+from sqlalchemy import and_, case, func, or_, select
 from tabulate import tabulate
 
 from harness import HarnessError
 from harness.config import load_benchmarks
 from harness.formatting import fmt
+from harness.report_plots import (PER_CLASS, TAU_SWEEP, TUNING, WEIGHT_NORMS, PlotCache, PlotJob, Rendering,
+                                  data_uri, default_cache)
+from harness.report_protocol import (DEFAULT_AUGMENTATION, MATCHED, Reference, closest_differences, compare,
+                                     our_protocol, readable)
 from harness.store import ClassMetric, CurvePoint, Metric, Run, Store
 
 GROUPS = ("all", "many", "medium", "few")
 TASK = "Long-tail Learning"
 METRIC_NAMES = {"top1": "Top-1 Accuracy", "error": "Error Rate"}
+BOARD_KEY = ["dataset", "rho", "preset"]
+ROW_KEY = ["method", *MATCHED]     # a board row: one method on one setup
+RANKED = and_(Run.status == "completed", Run.study.is_(None))
+# a study's chosen setting, retrained: preset tuned, or <preset>-tuned for another budget (harness.tune)
+TUNED_PRESETS = or_(Run.preset == "tuned", Run.preset.like("%-tuned"))
+PLOT_ORDER = (PER_CLASS, WEIGHT_NORMS, TAU_SWEEP, TUNING)
 
 
 # ---------------------------------------------------------------- loading
 
 def load_results(store: Store) -> pd.DataFrame:
-    """One row per completed run with its test metrics as columns top1_all ... top1_few."""
+    """One row per ranked run: its setup, test top-1 per shot group (top1_all ... top1_few) and
+    compute, in one query; recipe fields come out of the stored config by SQL JSON paths,
+    which SQLite and PostgreSQL both evaluate."""
+    top1 = [func.max(case((Metric.group == g, Metric.top1))).label(f"top1_{g}") for g in GROUPS]
+    query = (select(Run.id, Run.method, Run.dataset, Run.rho, Run.backbone, Run.generator, Run.seed, Run.preset,
+                    Run.finished_at, Run.wall_seconds, Run.device, Run.git_commit, Run.stage1_cached,
+                    Run.config[("recipe", "stage1", "epochs")].as_integer().label("epochs"),
+                    Run.config[("recipe", "augmentation")].as_string().label("augmentation"),
+                    Run.extra["stage1_seconds"].as_float().label("stage1_seconds"), *top1)
+             .outerjoin(Metric, and_(Metric.run_id == Run.id, Metric.split == "test"))
+             .where(RANKED).group_by(Run.id))
     with store.engine.connect() as con:
-        runs = pd.read_sql(select(Run.id, Run.method, Run.dataset, Run.rho, Run.backbone, Run.seed, Run.preset,
-                                  Run.finished_at, Run.wall_seconds, Run.device, Run.git_commit, Run.extra,
-                                  Run.stage1_cached).where(Run.status == "completed"), con)
-        metrics = pd.read_sql(select(Metric.run_id, Metric.group, Metric.top1).where(Metric.split == "test"), con)
-    if runs.empty:
-        return runs
-    wide = metrics.pivot_table(index="run_id", columns="group", values="top1", aggfunc="first", dropna=False)
-    wide = wide.reindex(columns=list(GROUPS)).add_prefix("top1_")
-    df = runs.merge(wide, left_on="id", right_index=True, how="left")
-    extra = df["extra"].apply(lambda e: e if isinstance(e, dict) else json.loads(e or "{}"))
+        df = pd.read_sql(query, con)
+    if df.empty:
+        return df
+    df["epochs"] = df["epochs"].astype("Int64")
+    df["augmentation"] = df["augmentation"].fillna(DEFAULT_AUGMENTATION)
     # compute spent on this result: its own wall time plus a reused stage 1's
-    reused = extra.apply(lambda e: e.get("stage1_seconds", 0.0)).where(df["stage1_cached"] == 1, 0.0)
+    reused = df["stage1_seconds"].fillna(0.0).where(df["stage1_cached"] == 1, 0.0)
     df["minutes"] = (df["wall_seconds"].fillna(0) + reused) / 60.0
     df["gpu"] = df["device"].str.contains("cuda|nvidia|NVIDIA|H100|A100", regex=True)
     df["finished_at"] = pd.to_datetime(df["finished_at"], utc=True)
-    return df.drop(columns=["extra"])
+    # a seed run again on the same setup (a fixed recipe, a re-run) counts once: its latest run
+    return df.sort_values("finished_at", kind="stable").drop_duplicates(BOARD_KEY + ROW_KEY + ["seed"], keep="last")
 
 
-def load_class_table(store: Store, run_ids: list[str]) -> pd.DataFrame:
+def load_class_means(store: Store) -> pd.DataFrame:
+    """Per board, method and class: the training count and, averaged over seeds in SQL, test
+    accuracy and classifier weight norm."""
+    keys = (Run.dataset, Run.rho, Run.preset, Run.method, ClassMetric.class_index)
+    query = (select(*keys, func.min(ClassMetric.train_count).label("train_count"),
+                    func.avg(ClassMetric.accuracy).label("accuracy"),
+                    func.avg(ClassMetric.weight_norm).label("weight_norm"))
+             .join(Run, Run.id == ClassMetric.run_id).where(RANKED).group_by(*keys).order_by(*keys))
     with store.engine.connect() as con:
-        q = select(ClassMetric.run_id, ClassMetric.class_index, ClassMetric.class_name, ClassMetric.train_count,
-                   ClassMetric.accuracy, ClassMetric.weight_norm).where(ClassMetric.run_id.in_(run_ids))
-        return pd.read_sql(q, con)
+        return pd.read_sql(query, con)
 
 
-def load_curves(store: Store, run_ids: list[str], kind: str) -> pd.DataFrame:
+def load_tau_sweeps(store: Store) -> pd.DataFrame:
+    """Per board, the τ sweep (split, group, τ -> accuracy) averaged over its runs."""
+    keys = (Run.dataset, Run.rho, Run.preset, CurvePoint.split, CurvePoint.group, CurvePoint.x)
+    query = (select(*keys, func.avg(CurvePoint.value).label("value"))
+             .join(Run, Run.id == CurvePoint.run_id).where(RANKED, CurvePoint.kind == "tau_sweep")
+             .group_by(*keys).order_by(*keys))
     with store.engine.connect() as con:
-        q = select(CurvePoint.run_id, CurvePoint.x, CurvePoint.split, CurvePoint.group, CurvePoint.value).where(
-            CurvePoint.run_id.in_(run_ids), CurvePoint.kind == kind)
-        return pd.read_sql(q, con)
+        return pd.read_sql(query, con)
+
+
+@dataclass
+class Study:
+    """The hyper-parameter search whose chosen setting a tuned run retrained."""
+    method: str
+    name: str
+    objective: str
+    n_trials: int | None
+    space: dict
+    chosen: dict
+    trials: pd.DataFrame        # number, objective: its completed trials in the store
+
+
+def load_studies(store: Store) -> dict[tuple, list[Study]]:
+    """Per tuned board, the studies its runs name in extra["tuning"], each with its trials'
+    objective (validation top-1) by trial number (extra["trial"]["number"])."""
+    with store.engine.connect() as con:
+        tuned = pd.read_sql(select(Run.dataset, Run.rho, Run.preset, Run.method, Run.extra["tuning"].label("tuning"))
+                            .where(RANKED, TUNED_PRESETS).order_by(Run.method), con)
+        tuned = tuned[tuned["tuning"].map(lambda t: isinstance(t, dict) and "study" in t)]
+        if tuned.empty:
+            return {}
+        names = sorted({t["study"] for t in tuned["tuning"]})
+        trials = pd.read_sql(select(Run.study, Run.extra[("trial", "number")].as_integer().label("number"),
+                                    Metric.top1.label("objective"))
+                             .join(Metric, and_(Metric.run_id == Run.id, Metric.split == "val", Metric.group == "all"))
+                             .where(Run.status == "completed", Run.study.in_(names))
+                             .order_by(Run.study, "number"), con)
+    studies: dict[tuple, dict[str, Study]] = {}
+    for row in tuned.itertuples():
+        found = studies.setdefault((row.dataset, row.rho, row.preset), {})
+        name = row.tuning["study"]
+        found.setdefault(name, Study(
+            method=row.method, name=name, objective=row.tuning.get("objective", "val top-1"),
+            n_trials=row.tuning.get("n_trials"), space=row.tuning.get("space") or {},
+            chosen=row.tuning.get("chosen") or {},
+            trials=trials.loc[trials["study"] == name, ["number", "objective"]].reset_index(drop=True)))
+    return {key: list(found.values()) for key, found in studies.items()}
 
 
 # ---------------------------------------------------------------- boards
@@ -70,13 +133,19 @@ def load_curves(store: Store, run_ids: list[str], kind: str) -> pd.DataFrame:
 @dataclass
 class Board:
     dataset: str
-    title: str
+    title: str                  # the dataset's title, once named (name_boards); the dataset until then
     rho: float
     preset: str
     metric: str                 # the benchmark's leading metric: top1 or error
-    rows: pd.DataFrame          # aggregated, ranked
-    references: list[dict] = field(default_factory=list)
+    rows: pd.DataFrame          # aggregated, ranked, compared with the papers
+    references: list[Reference] = field(default_factory=list)
     plots: dict[str, str] = field(default_factory=dict)   # name -> data URI
+    studies: list[Study] = field(default_factory=list)    # tuned boards: the searches behind them
+    about: dict[str, dict] = field(default_factory=dict)  # method -> its plugin's title and paper
+
+    @property
+    def key(self) -> tuple:
+        return self.dataset, self.rho, self.preset
 
     @property
     def slug(self) -> str:
@@ -91,25 +160,116 @@ def slugify(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-").lower()
 
 
-def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean, sample std (None for one seed) and n per (method, backbone), ranked by top-1."""
-    rows = []
-    for (method, backbone), g in runs.groupby(["method", "backbone"], sort=False):
-        row = {"method": method, "backbone": backbone, "n": len(g), "seeds": sorted(g["seed"].tolist())}
-        for grp in GROUPS:
-            values = g[f"top1_{grp}"].dropna()
-            row[f"{grp}_mean"] = float(values.mean()) if len(values) else None
-            row[f"{grp}_std"] = float(values.std(ddof=1)) if len(values) > 1 else None
-        row["minutes"] = float(g["minutes"].mean())
-        row["gpu"] = bool(g["gpu"].any())
-        row["date"] = g["finished_at"].max().strftime("%Y-%m-%d")
-        row["commit"] = ", ".join(sorted({c[:7] + ("+dirty" if c.endswith("+dirty") else "")
-                                          for c in g["git_commit"]}))
-        rows.append(row)
-    df = pd.DataFrame(rows).sort_values("all_mean", ascending=False, kind="stable").reset_index(drop=True)
-    df["rank"] = np.arange(1, len(df) + 1)
-    df["tie"] = [False] + [intervals_overlap(df.iloc[i - 1], df.iloc[i]) for i in range(1, len(df))]
-    return df
+def build_boards(store: Store, benchmarks: str | None = None, plots: bool = True,
+                 plot_cache: Path | None = None) -> list[Board]:
+    """Load and rank the boards while worker processes draw the plots that are not cached
+    under `plot_cache` (default: the harness cache)."""
+    doc = load_benchmarks(benchmarks)
+    results = load_results(store)
+    if results.empty:
+        return []
+    studies = load_studies(store)
+    rendering = start_plots(store, studies, PlotCache(plot_cache or default_cache())) if plots else None
+    boards = rank_boards(doc, results, studies)
+    name_boards(boards, load_titles(store))
+    if rendering:
+        attach_plots(boards, rendering)
+    return boards
+
+
+def rank_boards(doc: dict, results: pd.DataFrame, studies: dict[tuple, list[Study]]) -> list[Board]:
+    boards = []
+    for (dataset, rho, preset), rows in aggregate(results).groupby(BOARD_KEY, sort=True):
+        refs = references_for(doc, dataset, rho)
+        rows = compare_with_papers(rank(rows.drop(columns=BOARD_KEY)), refs, preset)
+        metric = doc["benchmarks"].get(dataset, {}).get("metric", "top1")
+        boards.append(Board(dataset=dataset, title=dataset, rho=float(rho), preset=preset, metric=metric, rows=rows,
+                            references=refs, studies=studies.get((dataset, rho, preset), [])))
+    order = {"paper": 0}
+    boards.sort(key=lambda b: (b.dataset, -b.rho, order.get(b.preset, 1), b.preset))
+    return boards
+
+
+# ---------------------------------------------------------------- titles
+
+@dataclass(frozen=True)
+class Titles:
+    datasets: dict[str, str]     # dataset -> title
+    methods: dict[str, dict]     # method -> {"title", "paper"}
+
+
+def load_titles(store: Store) -> Titles:
+    """Titles as the runs recorded them; only a name no run recorded one for is looked up in
+    its plugin (importing a plugin imports torch, about a second)."""
+    query = select(Run.dataset, Run.method, Run.extra["dataset_title"].as_string(),
+                   Run.extra["method_title"].as_string(), Run.extra["method_paper"].as_string()).where(RANKED)
+    with store.engine.connect() as con:
+        rows = con.execute(query.distinct()).all()
+    datasets, methods = {}, {}
+    for dataset, method, dataset_name, method_name, paper in rows:
+        if dataset_name:
+            datasets[dataset] = dataset_name
+        if method_name:
+            methods[method] = {"title": method_name, "paper": paper or ""}
+    for dataset, method, *_ in rows:
+        if dataset not in datasets:
+            datasets[dataset] = dataset_title(dataset)
+        if method not in methods:
+            methods[method] = method_about(method)
+    return Titles(datasets, methods)
+
+
+def name_boards(boards: list[Board], titles: Titles) -> None:
+    for b in boards:
+        b.title = titles.datasets.get(b.dataset, b.dataset)
+        b.about = {m: titles.methods.get(m) or method_about(m) for m in b.rows["method"]}
+
+
+def dataset_title(dataset: str) -> str:
+    from harness.registry import DATASETS
+
+    try:
+        return DATASETS.get(dataset).title
+    except Exception:  # a dataset whose plugin is gone still has results worth showing
+        return dataset
+
+
+def method_about(name: str) -> dict:
+    """Title and paper of a registered method; a stored method no longer installed shows its name only."""
+    from harness.registry import METHODS
+
+    try:
+        method = METHODS.get(name)
+    except HarnessError:
+        return {"title": name, "paper": ""}
+    return {"title": getattr(method, "title", name) or name, "paper": getattr(method, "paper", "")}
+
+
+# ---------------------------------------------------------------- aggregation
+
+def aggregate(results: pd.DataFrame) -> pd.DataFrame:
+    """Per board, method and setup: n, mean and sample std (NaN for one seed) of top-1 by shot
+    group over seeds, mean compute, the latest date and the commits."""
+    spread = {f"{grp}_{stat}": (f"top1_{grp}", stat) for grp in GROUPS for stat in ("mean", "std")}
+    rows = results.groupby(BOARD_KEY + ROW_KEY, sort=False, dropna=False).agg(
+        n=("seed", "size"), seeds=("seed", sorted), **spread, minutes=("minutes", "mean"), gpu=("gpu", "any"),
+        date=("finished_at", "max"), commit=("git_commit", short_commits)).reset_index()
+    rows["date"] = rows["date"].dt.strftime("%Y-%m-%d")
+    setup = rows[list(MATCHED)].astype(object)
+    rows[list(MATCHED)] = setup.where(setup.notna(), None)   # a setup field not recorded is None, not NA
+    return rows
+
+
+def short_commits(commits: pd.Series) -> str:
+    return ", ".join(sorted({c[:7] + ("+dirty" if c.endswith("+dirty") else "") for c in commits}))
+
+
+def rank(rows: pd.DataFrame) -> pd.DataFrame:
+    """Ranked by mean top-1; a tie marks a row whose mean ± std reaches the row above."""
+    rows = rows.sort_values("all_mean", ascending=False, kind="stable").reset_index(drop=True)
+    rows["rank"] = np.arange(1, len(rows) + 1)
+    rows["tie"] = [False] + [intervals_overlap(rows.iloc[i - 1], rows.iloc[i]) for i in range(1, len(rows))]
+    return rows
 
 
 def intervals_overlap(above: pd.Series, row: pd.Series) -> bool:
@@ -122,47 +282,46 @@ def intervals_overlap(above: pd.Series, row: pd.Series) -> bool:
     return hi_b >= lo_a
 
 
-def references_for(doc: dict, dataset: str, rho: float) -> list[dict]:
+def references_for(doc: dict, dataset: str, rho: float) -> list[Reference]:
     bench = doc["benchmarks"].get(dataset, {})
-    return [r for r in bench.get("references") or [] if float(r.get("rho", 0)) == float(rho)]
+    return [Reference.from_entry(r) for r in bench.get("references") or [] if float(r.get("rho", 0)) == float(rho)]
 
 
-def attach_deltas(rows: pd.DataFrame, refs: list[dict], preset: str) -> pd.DataFrame:
-    """Paper number and Δ (ours − paper) for the same method; only the paper preset is compared."""
-    paper, delta, source = [], [], []
-    for _, r in rows.iterrows():
-        ref = next((x for x in refs if x["method"] == r["method"]), None)
-        paper.append(ref["top1"] if ref else None)
-        source.append(ref["source"] if ref else None)
-        delta.append(r["all_mean"] - ref["top1"] if ref and preset == "paper" and r["all_mean"] is not None else None)
+def compare_with_papers(rows: pd.DataFrame, refs: list[Reference], preset: str) -> pd.DataFrame:
+    """Per row the paper top-1 shown, Δ (paper preset, comparable reference only) and how the
+    reference's protocol differs from the row's (DESIGN.md §4)."""
+    comparisons = [compare(our_protocol(row), row["all_mean"], [r for r in refs if r.method == row["method"]],
+                           with_delta=preset == "paper") for row in rows.to_dict("records")]
     rows = rows.copy()
-    rows["paper"], rows["delta"], rows["paper_source"] = paper, delta, source
+    rows["paper"] = [c.reference.top1 if c.reference else None for c in comparisons]
+    rows["delta"] = [c.delta for c in comparisons]
+    rows["paper_source"] = [c.reference.source if c.reference else None for c in comparisons]
+    rows["paper_differs"] = [list(c.differs) for c in comparisons]
     return rows
 
 
-def build_boards(store: Store, benchmarks: str | None = None, plots: bool = True) -> list[Board]:
-    from harness.registry import DATASETS
+# ---------------------------------------------------------------- plots
 
-    doc = load_benchmarks(benchmarks)
-    df = load_results(store)
-    boards: list[Board] = []
-    if df.empty:
-        return boards
-    for (dataset, rho, preset), runs in df.groupby(["dataset", "rho", "preset"], sort=True):
-        bench = doc["benchmarks"].get(dataset, {})
-        try:
-            title = DATASETS.get(dataset).title
-        except Exception:  # a dataset whose plugin is gone still has results worth showing
-            title = dataset
-        refs = references_for(doc, dataset, rho)
-        rows = attach_deltas(aggregate(runs), refs, preset)
-        board = Board(dataset, title, float(rho), preset, bench.get("metric", "top1"), rows, refs)
-        if plots:
-            board.plots = make_plots(store, runs)
-        boards.append(board)
-    order = {"paper": 0}
-    boards.sort(key=lambda b: (b.dataset, -b.rho, order.get(b.preset, 1), b.preset))
-    return boards
+def start_plots(store: Store, studies: dict[tuple, list[Study]], cache: PlotCache) -> Rendering:
+    """Every board's plots, keyed (board key, plot name); those not cached start drawing now."""
+    jobs = {}
+    for key, g in load_class_means(store).groupby(BOARD_KEY, sort=False):
+        jobs[key, PER_CLASS] = PlotJob(PER_CLASS, g[["method", "train_count", "accuracy"]].reset_index(drop=True))
+        jobs[key, WEIGHT_NORMS] = PlotJob(WEIGHT_NORMS,
+                                          g[["method", "class_index", "weight_norm"]].reset_index(drop=True))
+    for key, g in load_tau_sweeps(store).groupby(BOARD_KEY, sort=False):
+        jobs[key, TAU_SWEEP] = PlotJob(TAU_SWEEP, g[["split", "group", "x", "value"]].reset_index(drop=True))
+    for key, board_studies in studies.items():
+        trials = pd.concat([s.trials.assign(study=s.name) for s in board_studies], ignore_index=True)
+        if not trials.empty:
+            jobs[key, TUNING] = PlotJob(TUNING, trials[["study", "number", "objective"]])
+    return Rendering(jobs, cache)
+
+
+def attach_plots(boards: list[Board], rendering: Rendering) -> None:
+    pngs = rendering.result()
+    for b in boards:
+        b.plots = {name: data_uri(pngs[b.key, name]) for name in PLOT_ORDER if (b.key, name) in pngs}
 
 
 # ---------------------------------------------------------------- formatting
@@ -183,27 +342,69 @@ def fmt_minutes(row) -> str:
     return f"{row['minutes']:.1f} {'GPU' if row['gpu'] else 'CPU'}"
 
 
+def differs_names(differs) -> str:
+    """The compact cell: which protocol fields differ (the reference table says how)."""
+    return ", ".join(d.name for d in differs)
+
+
+def differs_text(differs) -> str:
+    return "; ".join(str(d) for d in differs)
+
+
+def setup_cells(board: Board) -> list[str]:
+    """Each row's backbone, plus the setup fields (generator, epochs, augmentation) in which
+    this board's rows differ from each other."""
+    varying = [name for name in MATCHED[1:] if board.rows[name].nunique(dropna=False) > 1]
+    return [" · ".join([r["backbone"], *(f"{name} {readable(r[name])}" for name in varying)])
+            for _, r in board.rows.iterrows()]
+
+
+BOARD_HEADERS = ["Rank", "Method", "Backbone", "Lead", "Other", "n", "Many", "Medium", "Few", "Paper top-1", "Δ",
+                 "Paper differs", "Compute (min)", "Date", "Commit"]
+NUMERIC = {"Rank", "Top-1", "Error", "n", "Many", "Medium", "Few", "Paper top-1", "Δ", "Compute (min)"}
+
+
 def board_table(board: Board) -> tuple[list[str], list[list[str]]]:
     """The board as display strings; the leading metric first."""
     lead = "Error" if board.metric == "error" else "Top-1"
     other = "Top-1" if board.metric == "error" else "Error"
-    headers = ["Rank", "Method", "Backbone", lead, other, "n", "Many", "Medium", "Few", "Paper top-1", "Δ",
-               "Compute (min)", "Date", "Commit"]
+    headers = [{"Lead": lead, "Other": other}.get(h, h) for h in BOARD_HEADERS]
     rows = []
-    for _, r in board.rows.iterrows():
+    for (_, r), setup in zip(board.rows.iterrows(), setup_cells(board)):
         top1 = fmt_mean_std(r["all_mean"], r["all_std"])
         err = fmt_mean_std(error_of(r["all_mean"]), r["all_std"])
-        rows.append([f"{r['rank']}{' (tie)' if r['tie'] else ''}", r["method"], r["backbone"],
+        rows.append([f"{r['rank']}{' (tie)' if r['tie'] else ''}", r["method"], setup,
                      err if board.metric == "error" else top1, top1 if board.metric == "error" else err,
                      str(r["n"]), fmt(r["many_mean"]), fmt(r["medium_mean"]), fmt(r["few_mean"]),
-                     fmt(r["paper"]), fmt_delta(r["delta"]), fmt_minutes(r), r["date"], r["commit"]])
+                     fmt(r["paper"]), fmt_delta(r["delta"]), differs_names(r["paper_differs"]), fmt_minutes(r),
+                     r["date"], r["commit"]])
     return headers, rows
 
 
 def reference_table(board: Board) -> tuple[list[str], list[list[str]]]:
-    headers = ["Method (paper)", "Backbone", "Top-1", "Error", "Many", "Medium", "Few", "Source"]
-    rows = [[r["method"], r.get("backbone", ""), fmt(r["top1"]), fmt(error_of(r["top1"])), fmt(r.get("many")),
-             fmt(r.get("medium")), fmt(r.get("few")), r["source"]] for r in board.references]
+    """Every reference of this (dataset, rho), those of methods on the board first, with how each
+    differs from our row of its method that it differs from least."""
+    headers = ["Method (paper)", "Variant", "Top-1", "Error", "Many", "Medium", "Few", "Protocol",
+               "Differs from ours", "Source"]
+    ours = board.rows.to_dict("records")
+    on_board = set(board.rows["method"])
+    rows = []
+    for ref in sorted(board.references, key=lambda r: r.method not in on_board):  # ours first, in file order
+        found = closest_differences(ref, ours)
+        differs = "" if found is None else differs_text(found) or "same as ours"
+        rows.append([ref.method, ref.variant or "", fmt(ref.top1), fmt(error_of(ref.top1)), fmt(ref.many),
+                     fmt(ref.medium), fmt(ref.few), ref.summary(), differs, ref.source])
+    return headers, rows
+
+
+def tuning_table(board: Board) -> tuple[list[str], list[list[str]]]:
+    """Per study behind a tuned board: its method, trials, search space and chosen values."""
+    headers = ["Method", "Study", "Objective", "Trials", "Search space", "Chosen"]
+    rows = [[s.method, s.name, s.objective,
+             f"{len(s.trials)} of {s.n_trials}" if s.n_trials else str(len(s.trials)),
+             "; ".join(f"{k}: {v}" for k, v in s.space.items()),
+             ", ".join(f"{k} = {v:g}" if isinstance(v, float) else f"{k} = {v}" for k, v in s.chosen.items())]
+            for s in board.studies]
     return headers, rows
 
 
@@ -220,80 +421,6 @@ def method_results(boards: list[Board]) -> dict[str, list[dict]]:
     return out
 
 
-# ---------------------------------------------------------------- plots
-
-def make_plots(store: Store, runs: pd.DataFrame) -> dict[str, str]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ids = runs["id"].tolist()
-    classes = load_class_table(store, ids)
-    if classes.empty:
-        return {}
-    classes = classes.merge(runs[["id", "method"]], left_on="run_id", right_on="id")
-    per_class = classes.groupby(["method", "class_index"]).agg(
-        train_count=("train_count", "first"), accuracy=("accuracy", "mean"), weight_norm=("weight_norm", "mean")
-    ).reset_index()
-    plots = {}
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
-    for method, g in per_class.groupby("method"):
-        g = g.sort_values("train_count", ascending=False)
-        ax.plot(g["train_count"], g["accuracy"], marker="o", ms=3, lw=1.2, label=method)
-    ax.set_xscale("log")
-    ax.set_xlabel("training images of the class (log)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Per-class accuracy against training count", pad=14)
-    for edge in (19.5, 100.5):  # shot-group boundaries: few < 20 <= medium <= 100 < many
-        ax.axvline(edge, color="#bbb", lw=0.8, ls="--")
-    for x, name in ((19.5, "few ←"), (100.5, "→ many")):
-        ax.text(x, 1.0, name, transform=ax.get_xaxis_transform(), fontsize=7, color="#888", va="bottom",
-                ha="right" if name.startswith("few") else "left")
-    legend_below(ax)
-    plots["Per-class accuracy"] = to_data_uri(fig)
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
-    for method, g in per_class.groupby("method"):
-        g = g.sort_values("class_index")
-        ax.plot(g["class_index"], g["weight_norm"], marker=".", ms=3, lw=1.2, label=method)
-    ax.set_xlabel("class index (head → tail)")
-    ax.set_ylabel("‖w_c‖ of the final classifier")
-    ax.set_title("Classifier weight norm per class")
-    legend_below(ax)
-    plots["Classifier weight norms"] = to_data_uri(fig)
-    sweep = load_curves(store, ids, "tau_sweep")
-    if not sweep.empty:
-        fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
-        mean = sweep.groupby(["split", "group", "x"])["value"].mean().reset_index()
-        colours = {"all": "#222", "many": "#1f77b4", "medium": "#ff7f0e", "few": "#d62728"}
-        for (split, group), g in mean.groupby(["split", "group"]):
-            ax.plot(g["x"], g["value"], lw=2.0 if group == "all" else 1.2, color=colours.get(group),
-                    ls="-" if split == "test" else "--", label=f"{split} {group}")
-        val_all = mean[(mean["split"] == "val") & (mean["group"] == "all")]
-        if not val_all.empty:
-            best = float(val_all.loc[val_all["value"].idxmax(), "x"])
-            ax.axvline(best, color="#888", lw=0.8, ls=":")
-            ax.text(best, 1.0, f" τ = {best:g} (val)", transform=ax.get_xaxis_transform(), fontsize=7,
-                    color="#555", va="bottom")
-        ax.set_xlabel("τ")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_title("τ-norm sweep: solid test, dashed val", pad=14)
-        legend_below(ax, ncol=4)
-        plots["τ sweep"] = to_data_uri(fig)
-    plt.close("all")
-    return plots
-
-
-def legend_below(ax, ncol: int = 6) -> None:
-    ax.legend(fontsize=7, ncol=ncol, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
-
-
-def to_data_uri(fig) -> str:
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 # ---------------------------------------------------------------- renderers
 
 def jinja_env():
@@ -301,6 +428,7 @@ def jinja_env():
 
     env = Environment(loader=PackageLoader("harness", "templates"), autoescape=select_autoescape(["html"]))
     env.filters["fmt"] = fmt
+    env.filters["slugify"] = slugify
     return env
 
 
@@ -309,30 +437,21 @@ def render_html(boards: list[Board], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     methods = method_results(boards)
+    about = {m: a for b in boards for m, a in b.about.items()}
     index = env.get_template("index.html").render(boards=boards, methods=sorted(methods), leaders=leaders(boards))
     written.append(write(out / "index.html", index))
     for b in boards:
         headers, rows = board_table(b)
-        ref_headers, ref_rows = reference_table(b)
-        html = env.get_template("board.html").render(board=b, headers=headers, rows=rows, ref_headers=ref_headers,
-                                                     ref_rows=ref_rows, methods=sorted(methods))
+        html = env.get_template("board.html").render(
+            board=b, headers=headers, rows=rows, numeric=NUMERIC,
+            differs=[differs_text(d) for d in b.rows["paper_differs"]], references=reference_table(b),
+            tuning=tuning_table(b), methods=sorted(methods))
         written.append(write(out / f"{b.slug}.html", html))
     for method, results in methods.items():
-        html = env.get_template("method.html").render(method=method, about=method_about(method), results=results,
+        html = env.get_template("method.html").render(method=method, about=about[method], results=results,
                                                       methods=sorted(methods))
         written.append(write(out / f"method-{slugify(method)}.html", html))
     return written
-
-
-def method_about(name: str) -> dict:
-    """Title and paper of a registered method; a stored method no longer installed shows its name only."""
-    from harness.registry import METHODS
-
-    try:
-        method = METHODS.get(name)
-    except HarnessError:
-        return {"title": name, "paper": ""}
-    return {"title": getattr(method, "title", name) or name, "paper": getattr(method, "paper", "")}
 
 
 def leaders(boards: list[Board]) -> list[dict]:
@@ -363,16 +482,29 @@ def render_markdown(boards: list[Board], out: Path) -> list[Path]:
     return written
 
 
+COMPARISON_NOTE = ("Δ = ours − a paper's top-1 for the same method trained on our backbone, generator, epochs and "
+                   "augmentation (paper preset only); \"Paper differs\" names the rest of its protocol that is not "
+                   "ours, or, without Δ, why it is not comparable. The reference table says how.")
+
+
 def markdown_board(b: Board) -> str:
     headers, rows = board_table(b)
     text = [f"## {TASK} on {b.name} — preset `{b.preset}`", "",
-            f"Ranked by top-1 (leading metric: {METRIC_NAMES[b.metric]}). \"(tie)\": mean ± std overlaps the row above.",
-            "", tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)]
+            f"Ranked by top-1 (leading metric: {METRIC_NAMES[b.metric]}). \"(tie)\": mean ± std overlaps the row above. "
+            + COMPARISON_NOTE, "", tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)]
     if b.references:
         rh, rr = reference_table(b)
         text += ["", "Paper-reported (reference, not measured here):", "",
                  tabulate(rr, headers=rh, tablefmt="github", disable_numparse=True)]
+    if b.studies:
+        th, tr = tuning_table(b)
+        text += ["", "Hyper-parameter searches behind this board (trials are not ranked):", "",
+                 tabulate(tr, headers=th, tablefmt="github", disable_numparse=True)]
     return "\n".join(text) + "\n"
+
+
+TEXT_WIDTHS = {"Variant": 24, "Protocol": 34, "Differs from ours": 40, "Source": 34,   # wrapped in a terminal
+               "Search space": 40, "Chosen": 30}
 
 
 def render_terminal(boards: list[Board]) -> str:
@@ -383,7 +515,12 @@ def render_terminal(boards: list[Board]) -> str:
                                                                            disable_numparse=True))
         if b.references:
             rh, rr = reference_table(b)
-            parts.append("paper-reported:\n" + tabulate(rr, headers=rh, disable_numparse=True))
+            parts.append("paper-reported:\n" + tabulate(rr, headers=rh, disable_numparse=True,
+                                                         maxcolwidths=[TEXT_WIDTHS.get(h) for h in rh]))
+        if b.studies:
+            th, tr = tuning_table(b)
+            parts.append("hyper-parameter searches:\n" + tabulate(tr, headers=th, disable_numparse=True,
+                                                                   maxcolwidths=[TEXT_WIDTHS.get(h) for h in th]))
     return "\n\n".join(parts) if parts else "no completed runs in the store"
 
 
@@ -391,7 +528,8 @@ def board_frame(boards: list[Board]) -> pd.DataFrame:
     """All boards as one numeric table (CSV export)."""
     frames = []
     for b in boards:
-        df = b.rows.drop(columns=["seeds", "paper_source"]).copy()
+        df = b.rows.drop(columns=["seeds"]).copy()
+        df["paper_differs"] = df["paper_differs"].map(differs_text)
         df.insert(0, "preset", b.preset)
         df.insert(0, "rho", b.rho)
         df.insert(0, "dataset", b.dataset)
@@ -409,32 +547,54 @@ def latex_escape(text: str) -> str:
 
 
 def render_latex(boards: list[Board]) -> str:
-    parts = []
-    for b in boards:
-        body = []
-        for _, r in b.rows.iterrows():
-            pm = "" if r["all_std"] is None or pd.isna(r["all_std"]) else f" $\\pm$ {r['all_std']:.2f}"
-            body.append(" & ".join([latex_escape(r["method"]), latex_escape(r["backbone"]),
-                                    f"{fmt(r['all_mean'])}{pm}", fmt(error_of(r["all_mean"])),
-                                    fmt(r["many_mean"]), fmt(r["medium_mean"]), fmt(r["few_mean"]),
-                                    str(r["n"])]).replace("—", "--") + r" \\")
-        parts.append("\n".join([
-            "\\begin{table}[t]", "\\centering",
-            f"\\caption{{{latex_escape(TASK)} on {latex_escape(b.title)} ($\\rho={b.rho:g}$), preset {latex_escape(b.preset)}.}}",
-            "\\begin{tabular}{llrrrrrr}", "\\toprule",
-            "Method & Backbone & Top-1 & Error & Many & Medium & Few & $n$ \\\\", "\\midrule",
-            *body, "\\bottomrule", "\\end{tabular}", "\\end{table}"]))
-    return "\n\n".join(parts) + "\n"
+    return "\n\n".join(latex_board(b) for b in boards) + "\n"
+
+
+def latex_board(b: Board) -> str:
+    """One table; a paper number whose protocol differs from ours carries a note mark (a, b, ...)
+    and the notes under the table say how."""
+    body, notes = [], []
+    for _, r in b.rows.iterrows():
+        pm = "" if r["all_std"] is None or pd.isna(r["all_std"]) else f" $\\pm$ {r['all_std']:.2f}"
+        paper = fmt(r["paper"])
+        if r["paper_differs"]:
+            mark = note_mark(len(notes))
+            paper += f"\\textsuperscript{{{mark}}}"
+            notes.append(f"\\textsuperscript{{{mark}}}{latex_escape(r['method'])}: "
+                         f"{latex_escape(differs_text(r['paper_differs']))}.")
+        body.append(" & ".join([latex_escape(r["method"]), latex_escape(r["backbone"]),
+                                f"{fmt(r['all_mean'])}{pm}", fmt(error_of(r["all_mean"])),
+                                fmt(r["many_mean"]), fmt(r["medium_mean"]), fmt(r["few_mean"]),
+                                str(r["n"]), paper, fmt_delta(r["delta"])]).replace("—", "--") + r" \\")
+    return "\n".join([
+        "\\begin{table}[t]", "\\centering",
+        f"\\caption{{{latex_escape(TASK)} on {latex_escape(b.title)} ($\\rho={b.rho:g}$), preset {latex_escape(b.preset)}.}}",
+        "\\begin{tabular}{llrrrrrrrr}", "\\toprule",
+        "Method & Backbone & Top-1 & Error & Many & Medium & Few & $n$ & Paper & $\\Delta$ \\\\", "\\midrule",
+        *body, "\\bottomrule", "\\end{tabular}",
+        *(["\\par\\smallskip\\footnotesize " + " \\\\\n".join(notes)] if notes else []),
+        "\\end{table}"])
+
+
+def note_mark(index: int) -> str:
+    """a, b, ..., z, aa, ab, ...: the mark of the index-th note."""
+    mark = ""
+    index += 1
+    while index:
+        index, letter = divmod(index - 1, 26)
+        mark = chr(ord("a") + letter) + mark
+    return mark
 
 
 def render_pwc_json(boards: list[Board]) -> str:
     """The shape of paperswithcode/sota-extractor's evaluation tables:
-    task -> datasets -> sota -> rows with metrics."""
+    task -> datasets -> sota -> rows with metrics; each row adds the paper it was compared with."""
     datasets = []
     for b in boards:
         rows = [{"model_name": r["method"], "paper_title": "", "paper_url": "", "paper_date": None,
                  "code_links": [], "model_links": [], "uses_additional_data": False,
-                 "metrics": {"Top-1 Accuracy": fmt(r["all_mean"]), "Error Rate": fmt(error_of(r["all_mean"]))}}
+                 "metrics": {"Top-1 Accuracy": fmt(r["all_mean"]), "Error Rate": fmt(error_of(r["all_mean"]))},
+                 "paper_reference": paper_reference(r)}
                 for _, r in b.rows.iterrows()]
         datasets.append({"dataset": f"{b.name} [{b.preset}]", "description": "", "dataset_links": [],
                          "subdatasets": [], "dataset_citations": [],
@@ -444,6 +604,14 @@ def render_pwc_json(boards: list[Board]) -> str:
     task = {"task": TASK, "description": "", "categories": ["Computer Vision"], "datasets": datasets,
             "subtasks": [], "synonyms": [], "source_link": None}
     return json.dumps([task], indent=2, ensure_ascii=False)
+
+
+def paper_reference(row: pd.Series) -> dict | None:
+    if row["paper"] is None or pd.isna(row["paper"]):
+        return None
+    delta = None if row["delta"] is None or pd.isna(row["delta"]) else round(float(row["delta"]), 2)
+    return {"top1": row["paper"], "delta": delta, "source": row["paper_source"],
+            "differs": [str(d) for d in row["paper_differs"]]}
 
 
 def write(path: Path, text: str) -> Path:

@@ -133,7 +133,7 @@ def execute(req: RunRequest) -> list[RunResult]:
             backbone=job.cfg.backbone, seed=job.cfg.seed, generator=job.cfg.generator, preset=job.cfg.preset,
             config=job.cfg.to_dict(), config_hash=job.cfg.config_hash(), status="running", started_at=now(),
             device=where, git_commit=git_commit(), versions=package_versions(),
-            data_checksum=checksum, extra=dict(req.extra), study=req.study))
+            data_checksum=checksum, extra=dict(job.ctx.extra), study=req.study))
     results, start = [], time.perf_counter()
     try:
         stage1([job for job in jobs if not job.cached], ddata, cache, req)
@@ -163,6 +163,13 @@ class Job:
         return f"{self.key}-{self.cfg.config_hash()}-stage2"
 
 
+def titles(method: Method, spec) -> dict:
+    """What a report shows of the method and dataset, recorded with the run so that reading
+    a store needs no plugin (importing one imports torch)."""
+    return {"method_title": method.title or method.name, "method_paper": method.paper,
+            "dataset_title": spec.title}
+
+
 def plan_job(method: Method, cfg: RunConfig, spec, data: LTData, ddata: DeviceData, checksum: str,
              cache: Path, extra: dict) -> Job:
     """Build the model and the method's stage-1 setup, and load stage 1 from the cache or
@@ -172,7 +179,7 @@ def plan_job(method: Method, cfg: RunConfig, spec, data: LTData, ddata: DeviceDa
     model = build_model(cfg.backbone, data.num_classes, spec.channels)
     model = model.to(ddata.device, memory_format=torch.channels_last)
     ctx = RunContext(data=ddata, train_counts=data.train_counts, recipe=cfg.recipe, seed=cfg.seed)
-    ctx.extra.update(extra)
+    ctx.extra.update(extra, **titles(method, spec))
     if world()[1] > 1:
         ctx.extra["world_size"] = world()[1]
     method.stage1_model(model, ctx)

@@ -10,6 +10,7 @@ import pytest
 
 import harness.runner
 import harness.sweep
+import harness.tune
 from harness.cli import main
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -47,6 +48,7 @@ def test_readme_command_runs_as_written(command, tmp_path, monkeypatch, capsys):
     requests = []
     monkeypatch.setattr(harness.runner, "execute", lambda req: requests.append(req) or [])
     monkeypatch.setattr(harness.sweep, "execute_sweep", lambda planned, *a, **k: requests.extend(planned) or (0, 0))
+    monkeypatch.setattr(harness.tune, "tune", lambda req, report: requests.append(req) or {})
     argv = argv_of(command, "r1")
     monkeypatch.setattr(sys, "argv", ["harness", *argv])
     try:
@@ -55,8 +57,9 @@ def test_readme_command_runs_as_written(command, tmp_path, monkeypatch, capsys):
         assert exit_.code in (0, None), capsys.readouterr().err
     written = [int(w) for w in re.search(r"--seeds? ((?:-?\d+ ?)+)", command).group(1).split()] \
         if re.search(r"--seeds? \d", command) else None
-    if argv[0] == "run":
+    if argv[0] in ("run", "tune"):
         [req] = requests
+        req = req if argv[0] == "run" else req.run
         assert req.seeds == (written or [0])
     if argv[0] == "sweep" and written:
         planned_seeds = {s for p in requests for s in p.request.seeds + p.skipped_seeds}

@@ -1,4 +1,5 @@
-"""Reports from a store of known rows: ranks, mean ± std, ties, Δ, escaping, empty groups."""
+"""Reports from a store of known rows: ranks, mean ± std, ties, Δ against references of the same
+protocol, escaping, empty groups, tuning studies, the plot cache."""
 import csv
 import io
 import json
@@ -9,41 +10,66 @@ import pytest
 import yaml
 
 from harness import report as rep
+from harness.report_plots import PER_CLASS, TUNING, WEIGHT_NORMS
+from harness.report_protocol import Reference, compare, differences
 from harness.store import Run, Store, now
 
+LDAM = {"backbone": "resnet32", "generator": "ldam", "epochs": 200, "augmentation": "crop+flip",
+        "framework": "pytorch", "selection": "best-test"}
+WB_CODE = {"backbone": "resnet34-cifar", "generator": "first", "epochs": 200, "augmentation": "crop+flip",
+           "framework": "pytorch", "selection": "best-test", "tta": "flip"}
 BENCH = {
     "version": 1,
     "benchmarks": {
         "cifar10-lt": {
             "rhos": [10], "backbone": "resnet32", "metric": "error", "presets": {"paper": {}, "quick": {}},
             "methods": {}, "references": [
-                {"method": "ce", "rho": 10, "top1": 86.0, "backbone": "resnet32", "source": "Some paper, Table 1"}],
+                {"method": "ce", "rho": 10, "top1": 86.0, "protocol": LDAM, "source": "Some paper, Table 1"},
+                {"method": "ce", "rho": 10, "top1": 80.0, "protocol": LDAM, "source": "A later copy"},
+                {"method": "wb", "rho": 10, "top1": 66.0, "protocol": WB_CODE, "variant": "stage 1 only (WD)",
+                 "source": "WB, Table 2"},
+                {"method": "wb", "rho": 10, "top1": 68.67, "protocol": WB_CODE, "source": "WB, Table 2 (WD & MaxNorm)"},
+                {"method": "lws", "rho": 10, "top1": 75.0, "protocol": LDAM, "variant": "τ = 1",
+                 "source": "A variant"},
+                {"method": "ce", "rho": 50, "top1": 1.0, "protocol": LDAM, "source": "another ratio"},
+            ],
         }
     },
 }
+PAPER_RECIPE = {"recipe": {"stage1": {"epochs": 200}}}   # no augmentation recorded: crop+flip
+QUICK_RECIPE = {"recipe": {"stage1": {"epochs": 10, "paper_epochs": 200}, "augmentation": "crop+flip"}}
 
 EVIL = "<script>alert(1)</script>"
 
 
-def add_run(store, run_id, method, seed, top1, preset="paper", groups=None, device="cpu (2 threads)"):
+def add_run(store, run_id, method, seed, top1, preset="paper", groups=None, device="cpu (2 threads)",
+            config=None, study=None, extra=None, val_top1=None):
     groups = groups or {"many": top1 + 5, "medium": None, "few": None}  # CIFAR-10-LT rho 10: all many
+    config = config or (QUICK_RECIPE if preset == "quick" else PAPER_RECIPE)
     store.start_run(Run(id=run_id, method=method, dataset="cifar10-lt", rho=10.0, backbone="resnet32", seed=seed,
-                        generator="ldam", preset=preset, config={}, config_hash=run_id, status="running",
+                        generator="ldam", preset=preset, config=config, config_hash=run_id, status="running",
                         started_at=now(), device=device, git_commit="abcdef1234", versions={},
-                        data_checksum="x", extra={}))
+                        data_checksum="x", extra={}, study=study))
     metrics = [{"split": "test", "group": "all", "top1": top1, "error": 100 - top1, "n_classes": 10}]
     metrics += [{"split": "test", "group": g, "top1": v, "error": None if v is None else 100 - v, "n_classes": 10}
                 for g, v in groups.items()]
+    if val_top1 is not None:
+        metrics.append({"split": "val", "group": "all", "top1": val_top1, "error": 100 - val_top1, "n_classes": 10})
     classes = [{"class_index": c, "class_name": f"k{c}", "train_count": 5000 // (c + 1), "accuracy": top1,
                 "weight_norm": 1.0 + c} for c in range(10)]
-    store.complete_run(run_id, metrics=metrics, class_metrics=classes, curves=[], extra={}, wall_seconds=120.0,
-                       stage1_cached=False)
+    store.complete_run(run_id, metrics=metrics, class_metrics=classes, curves=[], extra=extra or {},
+                       wall_seconds=120.0, stage1_cached=False)
 
 
 @pytest.fixture
-def boards(tmp_path):
-    bench = tmp_path / "b.yaml"
-    bench.write_text(yaml.safe_dump(BENCH))
+def bench(tmp_path):
+    path = tmp_path / "b.yaml"
+    path.write_text(yaml.safe_dump(BENCH, allow_unicode=True))
+    return str(path)
+
+
+@pytest.fixture
+def boards(tmp_path, bench):
     store = Store(f"sqlite:///{tmp_path / 'r.db'}")
     for seed, v in enumerate([88.0, 90.0, 89.0]):
         add_run(store, f"ce{seed}", "ce", seed, v)
@@ -55,7 +81,11 @@ def boards(tmp_path):
     add_run(store, "failed", "ce", 5, 0.0)
     with store.session() as s, s.begin():
         s.get(Run, "failed").status = "failed"
-    return rep.build_boards(store, str(bench)), store, str(bench)
+    return rep.build_boards(store, bench, plot_cache=tmp_path / "plots"), store, bench
+
+
+def row_of(headers, rows, method):
+    return dict(zip(headers, next(r for r in rows if r[1] == method)))
 
 
 def test_presets_are_separate_boards(boards):
@@ -76,39 +106,140 @@ def test_ranks_mean_std_n_and_ties(boards):
     assert paper.rows["tie"].tolist() == [False, False, False, False]
 
 
-def test_overlapping_intervals_are_ties(tmp_path):
-    bench = tmp_path / "b.yaml"
-    bench.write_text(yaml.safe_dump(BENCH))
+def test_overlapping_intervals_are_ties(tmp_path, bench):
     store = Store(f"sqlite:///{tmp_path / 'r.db'}")
     for seed, v in enumerate([80.0, 84.0]):
         add_run(store, f"a{seed}", "a", seed, v)   # 82 ± 2.83
     for seed, v in enumerate([79.0, 81.0]):
         add_run(store, f"b{seed}", "b", seed, v)   # 80 ± 1.41: overlaps [79.17, 84.83]
     add_run(store, "c0", "c", 0, 60.0)
-    [board] = rep.build_boards(store, str(bench), plots=False)
+    [board] = rep.build_boards(store, bench, plots=False)
     assert board.rows["tie"].tolist() == [False, True, False]
     headers, rows = rep.board_table(board)
     assert rows[1][0] == "2 (tie)"
 
 
-def test_delta_to_the_paper_and_leading_metric(boards):
-    paper, quick = boards[0][0], boards[0][1]
+def test_delta_against_the_first_reference_of_our_protocol_with_other_differences_named(boards):
+    paper = boards[0][0]
     headers, rows = rep.board_table(paper)
     assert headers[3] == "Error" and headers[4] == "Top-1"   # CIFAR-LT leads with error, as PwC did
-    ce = next(r for r in rows if r[1] == "ce")
-    assert ce[3] == "11.00 ± 1.00" and ce[4] == "89.00 ± 1.00"
-    assert ce[headers.index("Paper top-1")] == "86.00" and ce[headers.index("Δ")] == "+3.00"
-    lws = next(r for r in rows if r[1] == "lws")
-    assert lws[4] == "70.00 ± —" and lws[headers.index("Δ")] == "—"
-    q = rep.board_table(quick)[1][0]
-    assert q[headers.index("Δ")] == "—"  # a quick run is not compared with the paper
+    ce = row_of(headers, rows, "ce")
+    assert ce["Error"] == "11.00 ± 1.00" and ce["Top-1"] == "89.00 ± 1.00"
+    # two comparable ce references: the first in file order (86.0, not 80.0)
+    assert ce["Paper top-1"] == "86.00" and ce["Δ"] == "+3.00"
+    assert ce["Paper differs"] == "selection"
+    row = paper.rows.set_index("method").loc["ce"]
+    assert [str(d) for d in row["paper_differs"]] == ["selection best-test (ours last)"]
+    assert row["paper_source"] == "Some paper, Table 1"
+
+
+def test_no_delta_across_backbones(boards):
+    """A ResNet-32 run is not compared with WB's ResNet-34 number; the plain reference is shown
+    (not the variant listed first) with its differences named."""
+    paper = boards[0][0]
+    headers, rows = rep.board_table(paper)
+    wb = row_of(headers, rows, "wb")
+    assert wb["Δ"] == "—" and wb["Paper top-1"] == "68.67"
+    assert wb["Paper differs"] == "backbone, generator, selection, tta"
+    row = paper.rows.set_index("method").loc["wb"]
+    assert pd.isna(row["delta"])
+    assert [str(d) for d in row["paper_differs"]][:2] == ["backbone resnet34-cifar (ours resnet32)",
+                                                          "generator first (ours ldam)"]
+
+
+def test_a_variant_never_gives_delta(boards):
+    paper = boards[0][0]
+    headers, rows = rep.board_table(paper)
+    lws = row_of(headers, rows, "lws")
+    assert lws["Δ"] == "—" and lws["Paper top-1"] == "75.00"   # same protocol, but a variant of lws
+    assert lws["Paper differs"].startswith("variant")
+    assert str(paper.rows.set_index("method").loc["lws", "paper_differs"][0]) == "variant: τ = 1"
+
+
+def test_quick_runs_are_not_compared_and_name_their_epochs(boards):
+    quick = boards[0][1]
+    headers, rows = rep.board_table(quick)
+    assert rows[0][headers.index("Δ")] == "—"
+    assert "epochs 200 (ours 10)" in [str(d) for d in quick.rows.loc[0, "paper_differs"]]
+
+
+def test_reference_table_lists_every_reference_of_the_ratio_with_its_differences(boards):
+    paper = boards[0][0]
+    headers, rows = rep.reference_table(paper)
+    assert [r[0] for r in rows] == ["ce", "ce", "wb", "wb", "lws"]   # not the rho-50 one
+    table = [dict(zip(headers, r)) for r in rows]
+    assert table[0]["Differs from ours"] == "selection best-test (ours last)"
+    assert table[2]["Variant"] == "stage 1 only (WD)"
+    assert table[3]["Differs from ours"].startswith("backbone resnet34-cifar (ours resnet32); generator first")
+    assert table[3]["Protocol"] == "resnet34-cifar · first · 200 ep · crop+flip · pytorch · best-test · TTA flip"
+
+
+def test_rows_split_by_setup_and_each_meets_the_references_of_its_own(tmp_path, bench):
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    add_run(store, "plain", "ce", 0, 88.0)
+    add_run(store, "autoaug", "ce", 0, 90.0,
+            config={"recipe": {"stage1": {"epochs": 200}, "augmentation": "crop+flip+autoaugment"}})
+    add_run(store, "unrecorded", "ce", 1, 87.0, config={"recipe": {}})
+    [board] = rep.build_boards(store, bench, plots=False)
+    headers, rows = rep.board_table(board)
+    table = {r[headers.index("Backbone")]: dict(zip(headers, r)) for r in rows}
+    assert set(table) == {"resnet32 · epochs 200 · augmentation crop+flip+autoaugment",
+                          "resnet32 · epochs 200 · augmentation crop+flip", "resnet32 · epochs — · augmentation crop+flip"}
+    assert table["resnet32 · epochs 200 · augmentation crop+flip"]["Δ"] == "+2.00"
+    assert table["resnet32 · epochs 200 · augmentation crop+flip+autoaugment"]["Δ"] == "—"
+    assert table["resnet32 · epochs 200 · augmentation crop+flip+autoaugment"]["Paper differs"] == "augmentation, selection"
+    unrecorded = next(r for _, r in board.rows.iterrows() if r["epochs"] is None)
+    assert str(unrecorded["paper_differs"][0]) == "epochs 200 (ours —)"    # no Δ on what nothing says matches
+    assert pd.isna(unrecorded["delta"])
+
+
+def test_protocol_rules():
+    ours = {"backbone": "resnet32", "generator": "ldam", "epochs": 200, "augmentation": "crop+flip",
+            "framework": "pytorch", "selection": "last", "tta": "none", "runs": 3}
+    mean_of_5 = Reference("ce", 100, 70.0, "LA", protocol={**LDAM, "selection": "last", "runs": 5})
+    assert [str(d) for d in differences(mean_of_5, ours)] == ["runs 5 (ours 3)"]
+    unstated = Reference("ce", 100, 70.0, "old", protocol={"backbone": "resnet32"})
+    assert compare(ours, 72.0, [unstated], with_delta=True).delta is None   # nothing says it matches
+    autoaugment = Reference("ce", 100, 70.0, "BALMS", protocol={**LDAM, "augmentation": "crop+flip+autoaugment"})
+    assert [d.name for d in differences(autoaugment, ours)] == ["augmentation", "selection"]
+    assert compare(ours, 72.0, [autoaugment, mean_of_5], with_delta=True).delta == pytest.approx(2.0)
+
+
+def test_differences_in_every_format(boards, tmp_path):
+    bs, _, _ = boards
+    md = (tmp_path / "md")
+    rep.render_markdown(bs, md)
+    board_md = (md / "cifar10-lt-rho10-paper.md").read_text()
+    assert "| Paper differs" in board_md and "backbone, generator, selection, tta" in board_md
+    assert "backbone resnet34-cifar (ours resnet32); generator first (ours ldam)" in board_md
+    terminal = rep.render_terminal(bs)
+    assert "Paper differs" in terminal and "selection best-test (ours last)" in terminal
+    table = list(csv.DictReader(io.StringIO(rep.render_csv(bs))))
+    ce = next(r for r in table if r["method"] == "ce" and r["preset"] == "paper")
+    assert float(ce["paper"]) == 86.0 and float(ce["delta"]) == pytest.approx(3.0)
+    assert ce["paper_differs"] == "selection best-test (ours last)"
+    wb = next(r for r in table if r["method"] == "wb")
+    assert wb["delta"] == "" and wb["paper_differs"].startswith("backbone resnet34-cifar (ours resnet32)")
+    tex = rep.render_latex(bs)
+    assert "86.00\\textsuperscript{a}" in tex and "ce: selection best-test (ours last)." in tex
+    pwc = json.loads(rep.render_pwc_json(bs))[0]["datasets"][0]["sota"]["rows"]
+    ce_ref = next(r for r in pwc if r["model_name"] == "ce")["paper_reference"]
+    assert ce_ref == {"top1": 86.0, "delta": 3.0, "source": "Some paper, Table 1",
+                      "differs": ["selection best-test (ours last)"]}
+
+
+def test_html_shows_differences_compactly_with_details(boards, tmp_path):
+    rep.render_html(boards[0], tmp_path / "site")
+    page = (tmp_path / "site" / "cifar10-lt-rho10-paper.html").read_text()
+    assert '<span title="selection best-test (ours last)">selection</span>' in page
+    assert "stage 1 only (WD)" in page and "WB, Table 2 (WD &amp; MaxNorm)" in page
 
 
 def test_empty_groups_render_as_dash_not_zero(boards):
     headers, rows = rep.board_table(boards[0][0])
-    wb = next(r for r in rows if r[1] == "wb")
-    assert wb[headers.index("Many")] == "97.00"
-    assert wb[headers.index("Medium")] == "—" and wb[headers.index("Few")] == "—"
+    wb = row_of(headers, rows, "wb")
+    assert wb["Many"] == "97.00"
+    assert wb["Medium"] == "—" and wb["Few"] == "—"
 
 
 def test_html_escapes_and_is_self_contained(boards, tmp_path):
@@ -120,7 +251,7 @@ def test_html_escapes_and_is_self_contained(boards, tmp_path):
     assert EVIL not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "http://" not in page and "https://" not in page  # no CDN, no network
     assert 'class="ref"' in page and "Some paper, Table 1" in page
-    assert "data:image/png;base64," in page  # plots embedded
+    assert page.count("data:image/png;base64,") == 2  # per-class accuracy and weight norms, embedded
     assert "—" in page
     for f in files:
         assert "<script>alert" not in f.read_text()
@@ -138,7 +269,7 @@ def test_markdown(boards, tmp_path):
     readme = (tmp_path / "md" / "README.md").read_text()
     assert files[0].name == "README.md" and "| Benchmark" in readme
     assert "[CIFAR-10-LT (ρ=10)](cifar10-lt-rho10-paper.md)" in readme
-    assert "| 1      | wb" in readme or "| 1 " in readme
+    assert "| wb " in readme
 
 
 def test_csv_holds_numbers(boards):
@@ -147,12 +278,18 @@ def test_csv_holds_numbers(boards):
     ce = next(r for r in rows if r["method"] == "ce" and r["preset"] == "paper")
     assert float(ce["all_mean"]) == pytest.approx(89.0) and float(ce["error_mean"]) == pytest.approx(11.0)
     assert ce["medium_mean"] == ""  # empty group is empty, not 0
+    assert (ce["backbone"], ce["generator"], ce["epochs"], ce["augmentation"]) == ("resnet32", "ldam", "200",
+                                                                                   "crop+flip")
 
 
 def test_latex_escapes(boards):
     tex = rep.render_latex(boards[0])
     assert "\\begin{tabular}" in tex and "89.00 $\\pm$ 1.00" in tex
-    assert "tau_norm" not in tex or "tau\\_norm" in tex
+    assert rep.latex_escape("tau_norm & 5% ~x^2") == "tau\\_norm \\& 5\\% \\textasciitilde{}x\\^{}2"
+
+
+def test_latex_note_marks_run_past_z():
+    assert [rep.note_mark(i) for i in (0, 25, 26, 27, 701, 702)] == ["a", "z", "aa", "ab", "zz", "aaa"]
 
 
 def test_pwc_json_shape(boards):
@@ -174,3 +311,117 @@ def test_empty_store(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'e.db'}")
     assert rep.build_boards(store) == []
     assert rep.render_terminal([]) == "no completed runs in the store"
+
+
+def test_loading_reads_the_recipe_and_skips_trials_on_every_backend(store_url, bench):
+    """The SQL (JSON paths into config and extra, the shot-group pivot) on SQLite and PostgreSQL."""
+    store = Store(store_url)
+    add_run(store, "quick0", "ce", 0, 60.0, preset="quick", groups={"many": 70.0, "medium": 50.0, "few": None})
+    add_run(store, "paper0", "ce", 0, 80.0)
+    add_run(store, "trial0", "wb", 0, 90.0, study="wb-c10-study", val_top1=55.0, extra={"trial": {"number": 7}})
+    add_run(store, "tuned0", "wb", 0, 85.0, preset="quick-tuned", extra=TUNING_EXTRA)
+    results = rep.load_results(store).set_index("id")
+    assert sorted(results.index) == ["paper0", "quick0", "tuned0"]
+    quick = results.loc["quick0"]
+    assert (quick["epochs"], quick["augmentation"]) == (10, "crop+flip")
+    assert results.loc["paper0", "augmentation"] == "crop+flip"    # not recorded: the default
+    assert (quick["top1_all"], quick["top1_many"], quick["top1_medium"]) == (60.0, 70.0, 50.0)
+    assert pd.isna(quick["top1_few"])
+    [study] = rep.load_studies(store)[("cifar10-lt", 10.0, "quick-tuned")]   # a quick budget's tuned runs
+    assert study.chosen == {"lr": 0.02, "weight_decay": 0.005} and study.trials.values.tolist() == [[7, 55.0]]
+
+
+# ---------------------------------------------------------------- tuning
+
+TUNING_EXTRA = {"tuning": {"study": "wb-c10-study", "objective": "val top-1", "n_trials": 4,
+                           "space": {"lr": "log-uniform 1e-3 .. 1e-1", "weight_decay": "log-uniform 1e-4 .. 1e-2"},
+                           "chosen": {"lr": 0.02, "weight_decay": 0.005}}}
+
+
+@pytest.fixture
+def tuned(tmp_path, bench):
+    """A study of three completed trials and one failed, and the chosen setting retrained on two seeds."""
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    for number, objective in enumerate([61.0, 58.0, 64.0]):
+        add_run(store, f"t{number}", "wb", 0, 99.0, study="wb-c10-study", val_top1=objective,
+                extra={"trial": {"number": number, "params": {"lr": 0.01 * (number + 1)}}})
+    add_run(store, "t3", "wb", 0, 99.0, study="wb-c10-study", val_top1=70.0, extra={"trial": {"number": 3}})
+    with store.session() as s, s.begin():
+        s.get(Run, "t3").status = "failed"
+    for seed in (0, 1):
+        add_run(store, f"chosen{seed}", "wb", seed, 80.0 + seed, preset="tuned", extra=TUNING_EXTRA)
+    add_run(store, "ce0", "ce", 0, 75.0)
+    return store
+
+
+def test_trials_are_never_ranked(tuned, bench, tmp_path):
+    boards = {b.preset: b for b in rep.build_boards(tuned, bench, plot_cache=tmp_path / "plots")}
+    assert set(boards) == {"paper", "tuned"}          # the trials' 99 % is on no board
+    assert boards["paper"].rows["method"].tolist() == ["ce"]
+    assert boards["tuned"].rows[["method", "n"]].values.tolist() == [["wb", 2]]
+    assert list(boards["paper"].plots) == [PER_CLASS, WEIGHT_NORMS]
+
+
+def test_tuned_board_shows_the_search(tuned, bench, tmp_path):
+    board = next(b for b in rep.build_boards(tuned, bench, plot_cache=tmp_path / "plots") if b.preset == "tuned")
+    [study] = board.studies
+    assert (study.method, study.name, study.n_trials) == ("wb", "wb-c10-study", 4)
+    assert study.trials.values.tolist() == [[0, 61.0], [1, 58.0], [2, 64.0]]   # the failed trial is left out
+    assert list(board.plots) == [PER_CLASS, WEIGHT_NORMS, TUNING]
+    headers, rows = rep.tuning_table(board)
+    assert dict(zip(headers, rows[0])) == {
+        "Method": "wb", "Study": "wb-c10-study", "Objective": "val top-1", "Trials": "3 of 4",
+        "Search space": "lr: log-uniform 1e-3 .. 1e-1; weight_decay: log-uniform 1e-4 .. 1e-2",
+        "Chosen": "lr = 0.02, weight_decay = 0.005"}
+    rep.render_html([board], tmp_path / "site")
+    page = (tmp_path / "site" / f"{board.slug}.html").read_text()
+    assert "Hyper-parameter search" in page and "lr = 0.02, weight_decay = 0.005" in page
+    assert page.count("data:image/png;base64,") == 3
+    rep.render_markdown([board], tmp_path / "md")
+    assert "| wb-c10-study" in (tmp_path / "md" / f"{board.slug}.md").read_text()
+
+
+# ---------------------------------------------------------------- plot cache
+
+def plot_files(folder):
+    return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png")}
+
+
+def test_plot_cache_serves_unchanged_plots_and_never_stale_ones(tmp_path, bench):
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    add_run(store, "ce0", "ce", 0, 80.0)
+    add_run(store, "q0", "ce", 0, 60.0, preset="quick")
+    cache = tmp_path / "plots"
+    first = {b.preset: b.plots for b in rep.build_boards(store, bench, plot_cache=cache)}
+    files = plot_files(cache)
+    assert len(files) == 3     # the two boards' weight-norm plots are one picture, stored once
+    again = {b.preset: b.plots for b in rep.build_boards(store, bench, plot_cache=cache)}
+    assert again == first and plot_files(cache) == files        # served, not drawn again
+
+    add_run(store, "ce1", "ce", 1, 30.0)                          # the paper board's means change
+    changed = {b.preset: b.plots for b in rep.build_boards(store, bench, plot_cache=cache)}
+    fresh = {b.preset: b.plots for b in rep.build_boards(store, bench, plot_cache=tmp_path / "empty")}
+    assert changed == fresh
+    assert changed["paper"][PER_CLASS] != first["paper"][PER_CLASS]
+    assert changed["quick"] == first["quick"]
+    assert len(plot_files(cache)) == 3                            # the replaced plot is forgotten
+
+
+def test_a_seed_run_again_counts_once_with_its_latest_result(tmp_path, bench):
+    store = Store(f"sqlite:///{tmp_path / 'again.db'}")
+    add_run(store, "old", "ce", 0, 80.0)
+    add_run(store, "new", "ce", 0, 84.0)   # the same seed and setup, finished later
+    add_run(store, "other", "ce", 1, 86.0)
+    [board] = rep.build_boards(store, bench, plots=False)
+    row = board.rows.set_index("method").loc["ce"]
+    assert row["n"] == 2 and row["all_mean"] == pytest.approx(85.0)
+
+
+def test_titles_come_from_the_runs_without_importing_plugins(tmp_path, bench, monkeypatch):
+    store = Store(f"sqlite:///{tmp_path / 'titles.db'}")
+    add_run(store, "r", "ce", 0, 80.0, extra={"method_title": "Cross-entropy", "method_paper": "a paper",
+                                                "dataset_title": "CIFAR-10-LT"})
+    monkeypatch.setattr(rep, "method_about", lambda name: pytest.fail("looked up a plugin"))
+    monkeypatch.setattr(rep, "dataset_title", lambda name: pytest.fail("looked up a plugin"))
+    [board] = rep.build_boards(store, bench, plots=False)
+    assert board.title == "CIFAR-10-LT" and board.about["ce"] == {"title": "Cross-entropy", "paper": "a paper"}
