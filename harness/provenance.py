@@ -10,12 +10,15 @@ PACKAGES = ("ltr-harness", "torch", "torchvision", "numpy", "sqlalchemy")
 
 
 def git_commit() -> str:
-    """HEAD of the harness checkout, with '+dirty' when tracked files are modified."""
+    """HEAD of the harness checkout, with '+dirty' when tracked files other than the store
+    and the generated reports are modified."""
     repo = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+        # the store and the reports are what runs write, not what produces a result
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)results.db", ":(exclude)reports"], cwd=repo,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
