@@ -151,7 +151,7 @@ def main() -> None:
     total = [sum(t[p] for p in PHASES) for t in (cold, warm)]
     print(f"{'report total':40s} {total[0]:7.2f} {total[1]:7.2f}")
     print(f"{'CPU s, main process (with imports)':40s} {cold['cpu main']:7.2f} {warm['cpu main']:7.2f}")
-    print(f"{'CPU s, workers (plots, plugin import)':40s} {cold['cpu workers']:7.2f} {warm['cpu workers']:7.2f}")
+    print(f"{'CPU s, workers (plots)':40s} {cold['cpu workers']:7.2f} {warm['cpu workers']:7.2f}")
 
 
 def report_in_fresh_process(url: str, tmp: Path) -> dict:
