@@ -287,8 +287,3 @@ FMNIST_LT = DatasetSpec(
     name="fmnist-lt", title="Fashion-MNIST-LT", num_classes=10, n_max=500, channels=1, size=28,
     mean=(0.2860,), std=(0.3530,), crop_padding=2, flip=True,
     backbone="fmnist-cnn", loader=load_fmnist, source="Fashion-MNIST IDX (Debian or torchvision)")
-
-
-def default_data_root() -> Path | None:
-    env = os.environ.get("HARNESS_DATA_ROOT")
-    return Path(env) if env else None

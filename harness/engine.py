@@ -112,10 +112,6 @@ class DeviceData:
         x = self.train_pad[idx.view(b, 1, 1, 1), self.channel_idx, rows.view(b, 1, s, 1), cols.view(b, 1, 1, s)]
         return x.float()
 
-    def train_batch(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        drawn = self.draw_augment(idx.shape[0], gen)
-        return self.normalise(self.crop_flip(idx, drawn["oy"], drawn["ox"], drawn["flip"]))
-
     def labels(self, split: str) -> torch.Tensor:
         return {"train": self.train_y, "val": self.val_y, "test": self.test_y}[split]
 

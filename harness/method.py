@@ -86,10 +86,6 @@ class Method:
 
 # ---------------------------------------------------------------- helpers the methods share
 
-def head_params(model: nn.Module) -> list[nn.Parameter]:
-    return list(model.fc.parameters())
-
-
 def stage2_spec(ctx: RunContext, params, **kw) -> TrainSpec:
     """A stage-2 spec on a frozen backbone, BatchNorm mode from the recipe (train by default,
     as the official decoupling and weight-balancing codes leave it)."""

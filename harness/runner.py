@@ -192,7 +192,8 @@ def plan_job(method: Method, cfg: RunConfig, spec, data: LTData, ddata: DeviceDa
     key = stage1_key(cfg.to_dict(), identity, checksum)
     job = Job(method, cfg, uuid.uuid4().hex[:12], model, ctx, key)
     ctx.extra.update(stage1_checkpoint=stage1_path(cache, key).name, stage1_loss_id=loss_id)
-    for path in (stage1_path(cache, key), epoch_checkpoint_path(cache, key), epoch_checkpoint_path(cache, job.stage2_key)):
+    checkpoints = (stage1_path(cache, key), epoch_checkpoint_path(cache, key), epoch_checkpoint_path(cache, job.stage2_key))
+    for path in checkpoints:
         if path.exists() and not path.is_file():
             raise HarnessError(f"checkpoint path {path} is not a file; remove it or pass another --cache-dir")
     cached = load_checkpoint(stage1_path(cache, key))

@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from harness import HarnessError
 from harness.config import load_benchmarks
-from harness.registry import DATASETS, METHODS
+from harness.registry import DATASETS
 from harness.runner import RunRequest, execute, prepare
 from harness.store import Run, Store
 

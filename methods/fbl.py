@@ -1,7 +1,6 @@
 """Feature-balanced loss (FBL), Li et al., ICME 2022: during training only, every logit
 is lowered by c(t) * λ * ŝ_j / ||f||, a count-based offset scaled by the inverse feature
 norm, with the curriculum c(t) = (t / (T - 10))^2 over 0-based epochs t."""
-import math
 
 import torch
 import torch.nn.functional as F

@@ -4,7 +4,7 @@ from sqlalchemy import func, select
 
 import harness.runner as runner_mod
 from harness.runner import RunRequest, execute
-from harness.store import ClassMetric, CurvePoint, Metric, Run, Store
+from harness.store import ClassMetric, CurvePoint, Metric, Store
 from tests.synthetic import SYNTH_COUNTS
 
 

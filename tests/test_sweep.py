@@ -80,7 +80,8 @@ def test_every_seed_and_ratio_given_is_planned(synth):
 
     from harness.cli import cli
 
-    out = CliRunner().invoke(cli, ["sweep", "--datasets", "synth-lt", "--methods", "ce", "crt", "--seeds", "0", "1", "2",
+    out = CliRunner().invoke(cli, ["sweep", "--datasets", "synth-lt", "--methods", "ce", "crt",
+                                   "--seeds", "0", "1", "2",
                                    "--rho", "100", "10", "--preset", "quick", "--dry-run"])
     assert out.exit_code == 0, out.output
     assert "12 runs to do" in out.output
