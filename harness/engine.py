@@ -171,21 +171,15 @@ def autocast_for(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
-def param_groups(spec: TrainSpec, model: nn.Module) -> list[dict]:
-    """The spec's parameters as optimiser groups, each with its learning-rate scale."""
-    params = list(spec.params) if spec.params is not None else list(model.parameters())
-    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
-    return [{"lr_scale": 1.0, **g, "params": list(g["params"])} for g in groups]
-
-
-def make_optimizer(groups, spec: TrainSpec, device: torch.device, lr_tensors: bool = False) -> torch.optim.SGD:
-    """SGD over `groups`; with `lr_tensors` each group's learning rate is a device tensor
+def make_optimizer(params, spec: TrainSpec, device: torch.device, lr_tensors: bool = False) -> torch.optim.SGD:
+    """SGD over `params`: parameters, or groups {"params", "lr_scale", "weight_decay"}. Each
+    group's learning rate is spec.lr × its lr_scale; with `lr_tensors` it is a device tensor
     that a captured step updates in place."""
-    groups = list(groups)
-    if groups and not isinstance(groups[0], dict):
-        groups = [{"params": groups, "lr_scale": 1.0}]
+    params = list(params)
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    groups = [{"lr_scale": 1.0, **g, "params": list(g["params"])} for g in groups]
     for g in groups:
-        lr = spec.lr * g.get("lr_scale", 1.0)
+        lr = spec.lr * g["lr_scale"]
         g["lr"] = torch.tensor(lr, device=device) if lr_tensors else lr
     extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay,
@@ -226,7 +220,8 @@ class Trainer:
 
             self.forward = DistributedDataParallel(
                 self.forward, find_unused_parameters=spec.params is not None or spec.frozen_backbone)
-        self.opt = make_optimizer(param_groups(spec, model), spec, self.device, lr_tensors=self.use_graph)
+        self.opt = make_optimizer(model.parameters() if spec.params is None else spec.params, spec, self.device,
+                                  lr_tensors=self.use_graph)
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
         self.rng = np.random.RandomState(seed)
         if spec.sampler not in ("instance", "class_aware"):

@@ -58,7 +58,7 @@ class Method:
     name: str = ""
     title: str = ""
     paper: str = ""
-    recipe_keys: tuple[str, ...] = ()   # keys (dotted: "stage1.drw_epoch") its recipe must have
+    required_keys: tuple[str, ...] = ()  # keys (dotted: "stage1.drw_epoch") its recipe must have
     tunables: dict[str, str] = {}       # `harness tune`'s default space: key -> "loguniform(lo, hi)", ...
 
     def stage1_model(self, model: nn.Module, ctx: RunContext) -> None:

@@ -82,7 +82,7 @@ def prepare(req: RunRequest, seed: int) -> tuple[Method, object, RunConfig]:
         cfg = with_overrides(cfg, req.overrides, f"{req.dataset} / {req.method}")
     if req.preset_label:
         cfg = replace(cfg, preset=req.preset_label)
-    missing = [key for key in getattr(method, "recipe_keys", ()) if not has_key(cfg.recipe, key)]
+    missing = [key for key in getattr(method, "required_keys", ()) if not has_key(cfg.recipe, key)]
     if missing:
         raise HarnessError(f"the recipe of {req.method} on {req.dataset} lacks {', '.join(missing)}; "
                            f"add them in {load_benchmarks(req.benchmarks)['_path']}")
@@ -177,12 +177,11 @@ def plan_job(method: Method, cfg: RunConfig, spec, data: LTData, ddata: DeviceDa
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     model = build_model(cfg.backbone, data.num_classes, spec.channels)
-    model = model.to(ddata.device, memory_format=torch.channels_last)
     ctx = RunContext(data=ddata, train_counts=data.train_counts, recipe=cfg.recipe, seed=cfg.seed)
     ctx.extra.update(extra, **titles(method, spec))
     if world()[1] > 1:
         ctx.extra["world_size"] = world()[1]
-    method.stage1_model(model, ctx)
+    method.stage1_model(model, ctx)  # on the host: the model moves to the device once, with its stage-1 head
     model = model.to(ddata.device, memory_format=torch.channels_last)
     loss_id, loss = method.stage1_loss(ctx)
     groups = trainable(model, method.stage1_params(model, ctx), cfg.recipe["stage1"].get("train_only"))

@@ -84,8 +84,3 @@ def factors(schedule: dict, epoch: int, epochs: int, steps: int, batch: int = 1,
     if kind == "constant":
         return np.ones(steps)
     raise HarnessError(f"unknown lr schedule '{kind}'; known: {', '.join(KINDS)}")
-
-
-def epoch_factor(schedule: dict, epoch: int, epochs: int) -> float:
-    """The factor at the first step of an epoch (for schedules and tests that think in epochs)."""
-    return float(factors(schedule, epoch, epochs, 1)[0])

@@ -169,19 +169,20 @@ def complete_trials(study) -> list:
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
 
-def run_search(req: TuneRequest, space: list[Dimension], name: str, url: str, report=print) -> None:
+def run_search(req: TuneRequest, space: list[Dimension], name: str, url: str, report=print):
     """Trials until the study holds `req.trials` complete ones (those of earlier or parallel
-    processes count)."""
+    processes count); returns the study."""
     import optuna
 
     study = open_study(url, name, req.run.seeds[0])
     done = len(complete_trials(study))
     report(f"study {name}: {done} of {req.trials} trials done")
     if done >= req.trials:
-        return
+        return study
     stop = optuna.study.MaxTrialsCallback(req.trials, states=(optuna.trial.TrialState.COMPLETE,))
     show = lambda study, trial: report(f"trial {trial.number}: val top-1 {trial.value:.2f} at {trial.params}")  # noqa
     study.optimize(objective(req, space, name), callbacks=[stop, show], catch=())
+    return study
 
 
 def search_worker(req: TuneRequest, space: list[Dimension], name: str, url: str) -> None:
@@ -207,8 +208,7 @@ def tune(req: TuneRequest, report=print) -> dict:
         with ProcessPoolExecutor(req.jobs, mp_context=get_context("spawn")) as pool:
             for future in [pool.submit(search_worker, req, space, name, url) for _ in range(req.jobs)]:
                 future.result()
-    run_search(req, space, name, url, report)
-    study = open_study(url, name, req.run.seeds[0])
+    study = run_search(req, space, name, url, report)
     best = study.best_trial
     tuning = {"study": name, "objective": "val top-1", "n_trials": len(complete_trials(study)),
               "space": {d.key: d.text for d in space}, "chosen": best.params, "best_trial": best.number,

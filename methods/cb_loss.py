@@ -30,7 +30,7 @@ class ClassBalancedLoss(Method):
     name = "cb_loss"
     title = "Class-balanced loss"
     paper = "Cui et al., Class-Balanced Loss Based on Effective Number of Samples, CVPR 2019"
-    recipe_keys = ("variant", "beta")
+    required_keys = ("variant", "beta")
     tunables = {"variant": "categorical(softmax, sigmoid, focal)", "beta": "categorical(0.9, 0.99, 0.999, 0.9999)",
                 "gamma": "categorical(0.5, 1.0, 2.0)"}   # Cui's grid, chosen there by "cross-validation"
 

@@ -11,7 +11,7 @@ class CrossEntropyDRW(Method):
     name = "ce_drw"
     title = "CE-DRW (deferred re-weighting)"
     paper = "Cao et al., Learning Imbalanced Datasets with Label-Distribution-Aware Margin Loss, NeurIPS 2019"
-    recipe_keys = ("beta", "stage1.drw_epoch")
+    required_keys = ("beta", "stage1.drw_epoch")
 
     def stage1_loss(self, ctx: RunContext):
         beta, start = float(ctx.recipe["beta"]), int(ctx.recipe["stage1"]["drw_epoch"])

@@ -15,7 +15,7 @@ class Focal(Method):
     name = "focal"
     title = "Focal loss"
     paper = "Lin et al., Focal Loss for Dense Object Detection, ICCV 2017"
-    recipe_keys = ("gamma",)
+    required_keys = ("gamma",)
 
     def stage1_loss(self, ctx: RunContext):
         gamma = float(ctx.recipe["gamma"])

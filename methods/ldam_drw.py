@@ -38,7 +38,7 @@ class LDAMDRW(Method):
     name = "ldam_drw"
     title = "LDAM-DRW"
     paper = "Cao et al., Learning Imbalanced Datasets with Label-Distribution-Aware Margin Loss, NeurIPS 2019"
-    recipe_keys = ("beta", "max_margin", "scale", "stage1.drw_epoch")
+    required_keys = ("beta", "max_margin", "scale", "stage1.drw_epoch")
 
     def stage1_model(self, model, ctx: RunContext) -> None:
         model.fc = NormedLinear(model.feat_dim, ctx.data.num_classes)

@@ -10,7 +10,7 @@ class LogitAdjustedLoss(Method):
     name = "logit_adjust"
     title = "Logit-adjusted loss"
     paper = "Menon et al., Long-tail learning via logit adjustment, ICLR 2021"
-    recipe_keys = ("tau",)
+    required_keys = ("tau",)
     tunables = {"tau": "uniform(0, 3)"}
 
     def stage1_loss(self, ctx: RunContext):

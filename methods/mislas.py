@@ -32,7 +32,7 @@ class MiSLAS(Method):
     name = "mislas"
     title = "MiSLAS (mixup + label-aware smoothing)"
     paper = "Zhong et al., Improving Calibration for Long-Tailed Recognition, CVPR 2021"
-    recipe_keys = ("mixup_alpha", "smooth_head", "smooth_tail", "lr_factor", "stage2")
+    required_keys = ("mixup_alpha", "smooth_head", "smooth_tail", "lr_factor", "stage2")
 
     def stage1_transforms(self, ctx: RunContext):
         return [Mixup(float(ctx.recipe["mixup_alpha"]))]

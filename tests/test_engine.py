@@ -9,9 +9,14 @@ from harness.config import scale_stage
 from harness.data import LTData
 from harness.engine import DeviceData
 from harness.samplers import ClassAwareSampler, epoch_samples
-from harness.schedules import epoch_factor, factors
+from harness.schedules import factors
 
 LDAM = {"kind": "warmup-step", "warmup_epochs": 5, "steps": [[160, 0.01], [180, 0.0001]]}
+
+
+def epoch_factor(schedule, epoch, epochs):
+    """The factor an epoch trains at (these schedules hold it for the whole epoch)."""
+    return float(factors(schedule, epoch, epochs, 1)[0])
 
 
 def test_ldam_schedule_from_the_1_based_epoch():
