@@ -2,7 +2,8 @@
 Samples", CVPR 2019: every sample weighs w_y = (1 − β)/(1 − β^n_y), normalised to sum to C,
 in a softmax, sigmoid or focal loss (the best variant per benchmark, from Cui's Table 2, is
 the recipe's). All three divide by the batch size, as Cui's TensorFlow code does. For
-sigmoid and focal the last bias starts at −log(C − 1) (prior 1/C) and is not decayed."""
+sigmoid and focal the last bias starts at −log(C − 1) (prior 1/C) and is not decayed.
+On iNaturalist the recipe is Cui's TPU one (tpu/run_inat2018.sh, resnet_main.py)."""
 import math
 
 import torch
@@ -45,10 +46,17 @@ class ClassBalancedLoss(Method):
             nn.init.constant_(model.fc.bias, -math.log(ctx.data.num_classes - 1))
 
     def stage1_params(self, model, ctx: RunContext):
-        if self.variant(ctx) == "softmax":
+        """Cui's L2 skips the last bias (sigmoid, focal), and in its TPU ResNet-50 code (iNat)
+        the BatchNorm parameters too (`decay_batchnorm: false`)."""
+        undecayed = {id(model.fc.bias)} if self.variant(ctx) != "softmax" else set()
+        if not ctx.recipe.get("decay_batchnorm", True):
+            undecayed |= {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                          for p in m.parameters()}
+        if not undecayed:
             return None
-        rest = [p for name, p in model.named_parameters() if name != "fc.bias"]
-        return [{"params": rest}, {"params": [model.fc.bias], "weight_decay": 0.0}]
+        params = list(model.parameters())
+        return [{"params": [p for p in params if id(p) not in undecayed]},
+                {"params": [p for p in params if id(p) in undecayed], "weight_decay": 0.0}]
 
     def stage1_loss(self, ctx: RunContext):
         variant, beta = self.variant(ctx), float(ctx.recipe["beta"])

@@ -111,6 +111,17 @@ def test_class_balanced_sigmoid_starts_at_the_prior_and_does_not_decay_the_bias(
     assert abs(loss(LOGITS, None, TARGET, epoch(0)).item() - F.cross_entropy(LOGITS, TARGET).item()) > 1e-2
 
 
+def test_class_balanced_loss_on_inaturalist_leaves_batchnorm_undecayed_as_cuis_tpu_code():
+    model, _, ctx = make_ctx(recipe={"variant": "focal", "beta": 0.999, "gamma": 0.5, "decay_batchnorm": False})
+    bn = {id(p) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}
+    assert bn
+    decayed, undecayed = CB_LOSS.stage1_params(model, ctx)
+    assert {id(p) for p in undecayed["params"]} == bn | {id(model.fc.bias)} and undecayed["weight_decay"] == 0.0
+    assert len(decayed["params"]) + len(undecayed["params"]) == len(list(model.parameters()))
+    model, _, ctx = make_ctx(recipe={"variant": "softmax", "beta": 0.999})
+    assert CB_LOSS.stage1_params(model, ctx) is None   # CIFAR's softmax variant: every parameter decayed
+
+
 def test_logit_adjusted_loss_by_hand_and_balanced_softmax_is_the_same_loss():
     ctx = ctx_with({"tau": 1.0})
     _, la = LOGIT_ADJUST.stage1_loss(ctx)

@@ -2,6 +2,7 @@
 and the budget's stop of a subprocess group."""
 import importlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.store import Store
+from harness.store import Run, Store
 
 REPO = Path(__file__).resolve().parent.parent
 PROOF = REPO / "bench" / "gpu_proof.py"
@@ -61,15 +62,22 @@ def test_the_smoke_runs_every_step_and_records_every_figure_with_its_unit(smoke)
         assert all(run[part]["value"] > 0 for part in ("training", "evaluation", "startup_and_data_loading"))
         assert run["training"]["value"] < run["process_wall"]["value"]
 
-    table = figures["table"]
-    assert table["sweep_complete"] and not table["sweep_calls"][0]["stopped_at_budget"]
-    assert set(table["results"]["10"]) == {"ce", "crt"}
+    table = figures["table"]   # the phases ran in their order, each to its end
+    assert list(table["phases"]) == ["six-10", "balanced", "baselines-10"]
+    assert all(ph["complete"] and not ph["calls"][0]["stopped_at_budget"] for ph in table["phases"].values())
+    started = [ph["calls"][0]["started"] for ph in table["phases"].values()]
+    assert started == sorted(started)
+    assert set(table["results"]["10"]) == {"ce", "crt", "la_posthoc"}
     assert table["results"]["10"]["crt"]["engines"] == ["stage1: eager", "stage2: eager"]
-    assert table["timing"]["10"]["runs"]["value"] == table["timing"]["10"]["expected"]["value"] == 2
+    timing = table["timing"]
+    assert timing["six-10"]["runs"]["value"] == timing["six-10"]["expected"]["value"] == 2
+    assert timing["balanced"]["runs"]["value"] == timing["baselines-10"]["runs"]["value"] == 1
+    assert 0 < timing["six-10"]["elapsed"]["value"] * 60 <= table["phases"]["six-10"]["calls"][0]["elapsed"]["value"]
     assert table["balanced"]["top1"]["unit"] == "%"
     assert (out / "reports" / "index.html").is_file()
     assert set(figures["goals"]) == {"one_run", "engine_vs_reference_loop", "table", "within_1_point"}
     assert figures["goals"]["one_run"]["measured"]["value"] > 0
+    assert figures["goals"]["table"]["measured"] == timing["six-10"]["elapsed"]   # the goal times the first phase
 
 
 def test_the_export_fits_the_device_tool_and_a_later_call_resumes_from_it(smoke, tmp_path):
@@ -89,9 +97,44 @@ def test_the_export_fits_the_device_tool_and_a_later_call_resumes_from_it(smoke,
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     assert "restoring checkpoints from resume-1.tar" in again.stdout and any((later / "cache" / "stage1").glob("*.pt"))
     assert "0 runs to do, 2 already in the store" in again.stdout   # the store came along: nothing trains again
-    assert "table: balanced run" not in again.stdout
-    assert len(Store(f"sqlite:///{later / 'results.db'}").list_runs()) == 3
-    assert set(json.loads((later / "figures.json").read_text())["table"]["results"]["10"]) == {"ce", "crt"}
+    assert "0 runs to do, 1 already in the store" in again.stdout
+    assert "table: balanced: " not in again.stdout   # the balanced run is in the store: not run again
+    assert len(Store(f"sqlite:///{later / 'results.db'}").list_runs()) == 4
+    assert set(json.loads((later / "figures.json").read_text())["table"]["results"]["10"]) == {"ce", "crt", "la_posthoc"}
+
+
+def test_a_call_that_ends_between_phases_exports_the_stage1_a_later_phase_reuses(smoke, tmp_path, monkeypatch):
+    """Post-hoc LA (the last phase) reads CE's stage 1 (the first phase's): a call that ends
+    before it must carry that checkpoint, though newer chains (the balanced run) came since."""
+    out, _, result = smoke
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    monkeypatch.syspath_prepend(str(PROOF.parent))
+    gpu_proof = importlib.import_module("gpu_proof")
+    monkeypatch.setenv("HARNESS_BENCHMARKS", str(out / "smoke" / "benchmarks.yaml"))
+    monkeypatch.syspath_prepend(str(out / "smoke" / "site"))
+    importlib.invalidate_caches()
+
+    later = tmp_path / "later"
+    shutil.copytree(out, later, ignore=shutil.ignore_patterns("data"))
+    store = Store(f"sqlite:///{later / 'results.db'}")
+    with store.session() as s:   # as if the call had ended before the last phase
+        for run in s.query(Run).filter_by(method="la_posthoc"):
+            s.delete(run)
+        s.commit()
+    figures = json.loads((later / "figures.json").read_text())
+    figures["table"]["phases"]["baselines-10"]["complete"] = False
+    (later / "figures.json").write_text(json.dumps(figures))
+    (later / "cache" / "partial").mkdir(exist_ok=True)
+
+    layout = gpu_proof.Layout(later)
+    proof_ = gpu_proof.Proof(gpu_proof.SMOKE, layout, gpu_proof.Budget(60), lambda line: None, later / "none.tar.gz")
+    ce = {r.extra["stage1_checkpoint"] for r in gpu_proof.completed_runs(layout.store, method="ce", rho=10.0)}
+    assert len(ce) == 1 and proof_.reused_stage1() == ce
+    for path in (later / "cache" / "stage1").glob("*.pt"):   # CE's stage 1 is the oldest: the balanced run came since
+        os.utime(path, (1, 1) if path.name in ce else None)
+    exported = {p.name for p in gpu_proof.resume_files(layout, 1, proof_.reused_stage1())}
+    assert ce <= exported and len(exported) == 2   # CE's, and the newest chain's (the balanced run's)
+    assert ce.isdisjoint(p.name for p in gpu_proof.resume_files(layout, 1, set()))   # the rule before: lost
 
 
 def process_gone(pid: int) -> bool:

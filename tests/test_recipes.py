@@ -89,3 +89,38 @@ def test_balms_iterations_become_epochs_per_benchmark(dataset, rho, epochs, warm
 def test_a_method_without_a_recipe_says_it_borrows_ces():
     r = recipe("imagenet-lt", "focal", 256).recipe
     assert r["deviations"] == ["no recipe for 'focal' on imagenet-lt: CE's recipe is used"]
+
+
+@pytest.mark.parametrize("dataset,rho,epochs,wd,head,tail,augmentation", [
+    ("imagenet-lt", 256, 180, 5e-4, 0.3, 0.0, "rrc+flip+jitter"), ("inat2018", 500, 200, 1e-4, 0.3, 0.0, "rrc+flip+jitter"),
+    ("places-lt", 996, 90, 5e-4, 0.4, 0.1, "rrc+flip+jitter")])
+def test_mislas_large_benchmarks_follow_its_configs(dataset, rho, epochs, wd, head, tail, augmentation):
+    """config/{imagenet,ina2018,places}: batch 256, mixup 0.2, cosine at the 0-based epoch without
+    warm-up; stage 2 with shift_bn and lr_factor 0.05. Its references then give Δ, except on
+    Places, where the fresh bottleneck block is not built."""
+    from harness.report_protocol import Reference, differences, is_comparable
+
+    cfg = recipe(dataset, "mislas", rho)
+    r = cfg.recipe
+    assert (r["stage1"]["epochs"], r["stage1"]["batch_size"], r["stage1"]["lr"], r["stage1"]["weight_decay"]) == \
+        (epochs, 256, 0.1, wd)
+    assert r["stage1"]["schedule"] == {"kind": "cosine", "step_at": "epoch-end"} and r["mixup_alpha"] == 0.2
+    s2 = r["stage2"]
+    assert (s2["epochs"], s2["batch_size"], s2["weight_decay"], s2["bn_mode"], s2["epoch_steps"]) == \
+        (10, 256, wd, "train", "ceil+1")
+    assert (r["smooth_head"], r["smooth_tail"], r["lr_factor"], r["augmentation"]) == (head, tail, 0.05, augmentation)
+    assert not any("CE's recipe is used" in d for d in r.get("deviations", []))
+    [ref] = [Reference.from_entry(e) for e in DOC["benchmarks"][dataset]["references"] if e["method"] == "mislas"]
+    ours = {"backbone": cfg.backbone, "generator": cfg.generator, "epochs": epochs, "augmentation": r["augmentation"]}
+    assert is_comparable(differences(ref, ours))
+    assert bool(r.get("deviations")) == (dataset == "places-lt")
+
+
+def test_class_balanced_loss_on_inaturalist_is_cuis_tpu_recipe():
+    r = recipe("inat2018", "cb_loss", 500).recipe
+    s = r["stage1"]
+    assert (s["epochs"], s["batch_size"], s["lr"], s["weight_decay"]) == (90, 1024, 0.4 * 1024 / 256, 1e-4)
+    assert s["schedule"] == {"kind": "warmup-step", "warmup_epochs": 5, "warmup_per": "step",
+                             "steps": [[30, 0.1], [60, 0.01], [80, 0.001]]}
+    assert (r["variant"], r["beta"], r["gamma"], r["decay_batchnorm"]) == ("focal", 0.999, 0.5, False)
+    assert r["augmentation"] == "rrc+flip"   # the TPU code's Inception crop and flip, no colour jitter
