@@ -592,7 +592,7 @@ class Proof:
         if not self.layout.store.is_file():
             return set()
         from harness.runner import RunRequest
-        from harness.sweep import plan
+        from harness.sweep import chain_key, plan
 
         done = self.figures.get("table", {}).get("phases", {})
         base = RunRequest(method="ce", dataset=self.target.dataset, rho=1.0, preset=self.target.preset,
@@ -602,7 +602,7 @@ class Proof:
                    if p.request.seeds}
         return {run.extra["stage1_checkpoint"] for run in completed_runs(self.layout.store, dataset=self.target.dataset)
                 if "stage1_checkpoint" in run.extra
-                and json.dumps([run.dataset, run.rho, run.config["recipe"]["stage1"]], sort_keys=True) in pending}
+                and chain_key(run.dataset, run.rho, run.config["recipe"]["stage1"]) in pending}
 
     # -- what is left --------------------------------------------------------------------
     def pending(self) -> list[str]:

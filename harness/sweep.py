@@ -29,6 +29,11 @@ class Planned:
     chain: str                   # jobs of one chain share a stage-1 checkpoint
 
 
+def chain_key(dataset: str, rho, stage1: dict) -> str:
+    """What the jobs of one chain share: the data, the ratio and the stage-1 recipe."""
+    return json.dumps([dataset, rho, stage1], sort_keys=True)
+
+
 def plan(base: RunRequest, methods=None, datasets=None, rhos=None, seeds=(0,)) -> list[Planned]:
     """Expand the grid, validated before anything runs; seeds already completed with the
     same config hash are skipped."""
@@ -55,9 +60,8 @@ def plan(base: RunRequest, methods=None, datasets=None, rhos=None, seeds=(0,)) -
                     (skipped if cfg.config_hash() in done else todo).append(seed)
                     stage1 = cfg.recipe["stage1"]
                 if todo or skipped:
-                    chain = json.dumps([dataset, rho, stage1], sort_keys=True)
                     planned.append(Planned(replace(base, method=method, dataset=dataset, rho=rho, seeds=todo),
-                                           skipped, chain))
+                                           skipped, chain_key(dataset, rho, stage1)))
     return planned
 
 
