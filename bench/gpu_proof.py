@@ -12,7 +12,7 @@
   table        in phases, what matters most first: the six methods x seeds at rho 100 (the
                timed table), CE on balanced CIFAR-10 (the JPEG copy's penalty), the six at
                rho 10, then every other registered method at rho 100 and at rho 10; each phase a
-               `harness sweep` (or run) into one store; `harness report`
+               `harness sweep` into one store; `harness report`
 
 Without --step the steps run in that order as far as the budget goes. Everything lands in DIR:
 figures.json (every number as {"value", "unit"}, and the goals), results.db (the table),
@@ -81,9 +81,12 @@ class Phase:
     name: str
     methods: tuple[str, ...]     # () = every registered method no other phase names
     rhos: tuple[str, ...]
+    one_seed: bool = False                 # the target's first seed only
+    val_per_class: int | None = None       # None: the benchmark's validation split
 
 
-BALANCED = Phase("balanced", ("ce",), (BALANCED_RHO,))   # CE on balanced CIFAR-10: the JPEG copy's penalty
+# CE on balanced CIFAR-10, every training image kept (no validation split): the JPEG copy's penalty
+BALANCED = Phase("balanced", ("ce",), (BALANCED_RHO,), one_seed=True, val_per_class=0)
 SIX = ("ce", "crt", "lws", "tau_norm", "fbl", "wb")
 POSTHOC_FIRST = ("la_posthoc", "ncm")   # they reuse CE's stage 1: seconds each, so they go first
 
@@ -331,12 +334,9 @@ def completed_runs(db: Path, **match) -> list:
     """The completed runs of the store at `db` whose columns equal `match`."""
     from harness.store import Store
 
-    store = Store(sqlite_url(db))
-    try:
+    with Store(sqlite_url(db)) as store:
         return [r for r in store.list_runs()
                 if r.status == "completed" and all(getattr(r, k) == v for k, v in match.items())]
-    finally:
-        store.engine.dispose()
 
 
 def top1_on_test(run) -> float:
@@ -509,18 +509,17 @@ class Proof:
         return sorted(rest, key=lambda m: m not in POSTHOC_FIRST)   # stable: registry order otherwise
 
     def phase_seeds(self, phase: Phase) -> tuple[int, ...]:
-        return self.target.seeds[:1] if phase is BALANCED else self.target.seeds
+        return self.target.seeds[:1] if phase.one_seed else self.target.seeds
 
     def phase_command(self, phase: Phase) -> list[str]:
         """A phase's runs into the proof's store and cache: a sweep of its methods x ratios x
-        seeds, or, for the balanced phase, one run that keeps every training image."""
-        where = ("--preset", self.target.preset, "--device", self.target.device, "--data-root", str(self.data_root),
-                 "--db", sqlite_url(self.layout.store), "--cache-dir", str(self.layout.cache), "--no-progress")
-        if phase is BALANCED:
-            return self.harness("run", "--method", "ce", "--dataset", self.target.dataset, "--rho", BALANCED_RHO,
-                                "--seed", str(self.target.seeds[0]), "--val-per-class", "0", *where)
+        seeds (what the store holds already is skipped)."""
+        val = () if phase.val_per_class is None else ("--val-per-class", str(phase.val_per_class))
         return self.harness("sweep", "--datasets", self.target.dataset, *repeated("--methods", self.phase_methods(phase)),
-                            *repeated("--rho", phase.rhos), *repeated("--seeds", self.target.seeds), *where)
+                            *repeated("--rho", phase.rhos), *repeated("--seeds", self.phase_seeds(phase)), *val,
+                            "--preset", self.target.preset, "--device", self.target.device,
+                            "--data-root", str(self.data_root), "--db", sqlite_url(self.layout.store),
+                            "--cache-dir", str(self.layout.cache), "--no-progress")
 
     def table(self) -> None:
         table = self.figures.setdefault("table", {"phases": {}})
@@ -530,9 +529,6 @@ class Proof:
                 "calls": [], "complete": False})
             if record["complete"]:
                 self.log(f"table: {phase.name} is recorded complete in figures.json")
-                continue
-            if phase is BALANCED and self.balanced_runs():   # `harness run`, unlike a sweep, would run it again
-                record["complete"] = True
                 continue
             started = utc_now()
             finished = self.run(f"table: {phase.name}", self.phase_command(phase), self.target.report_reserve_s)
@@ -595,11 +591,13 @@ class Proof:
         from harness.sweep import chain_key, plan
 
         done = self.figures.get("table", {}).get("phases", {})
-        base = RunRequest(method="ce", dataset=self.target.dataset, rho=1.0, preset=self.target.preset,
-                          db=sqlite_url(self.layout.store))
-        pending = {p.chain for ph in self.target.phases if ph is not BALANCED and not done.get(ph.name, {}).get("complete")
-                   for p in plan(base, self.phase_methods(ph), [self.target.dataset], list(ph.rhos), self.target.seeds)
-                   if p.request.seeds}
+        pending = set()
+        for ph in self.target.phases:
+            if not done.get(ph.name, {}).get("complete"):
+                base = RunRequest(method="ce", dataset=self.target.dataset, rho=1.0, preset=self.target.preset,
+                                  val_per_class=ph.val_per_class, db=sqlite_url(self.layout.store))
+                pending |= {p.chain for p in plan(base, self.phase_methods(ph), [self.target.dataset], list(ph.rhos),
+                                                  self.phase_seeds(ph)) if p.request.seeds}
         return {run.extra["stage1_checkpoint"] for run in completed_runs(self.layout.store, dataset=self.target.dataset)
                 if "stage1_checkpoint" in run.extra
                 and chain_key(run.dataset, run.rho, run.config["recipe"]["stage1"]) in pending}

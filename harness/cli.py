@@ -45,7 +45,7 @@ class GreedyCommand(click.Command):
 
 
 def training_options(command):
-    """The options `run` and `sweep` share: where to train, on what data, into which store."""
+    """The options `run`, `sweep` and `tune` share: where to train, on what data, into which store."""
     for option in reversed([
         click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])),
         click.option("--data-root", envvar="HARNESS_DATA_ROOT",
@@ -54,6 +54,18 @@ def training_options(command):
         click.option("--db", envvar="HARNESS_DB", help="SQLAlchemy URL of the results store [sqlite:///results.db]."),
         click.option("--cache-dir", envvar="HARNESS_CACHE", help="Stage-1 checkpoint cache [.harness_cache]."),
         click.option("--no-progress", is_flag=True, help="No progress bars."),
+    ]):
+        command = option(command)
+    return command
+
+
+def override_options(command):
+    """The benchmark defaults `run`, `sweep` and `tune` can override; each is part of a run's
+    config hash, so runs made with an override are never mistaken for the default's."""
+    for option in reversed([
+        click.option("--generator", type=click.Choice(["ldam", "first"]), help="Which images the LT subset keeps."),
+        click.option("--backbone", help="Override the benchmark's backbone."),
+        click.option("--val-per-class", type=int, help="Held-out validation images per class [the benchmark's]."),
     ]):
         command = option(command)
     return command
@@ -72,9 +84,7 @@ def cli() -> None:
 @click.option("--preset", default="paper", show_default=True, help="Recipe budget: paper or quick.")
 @click.option("--epochs", type=int, help="Override stage-1 epochs (schedule scales; recorded as a custom preset).")
 @training_options
-@click.option("--generator", type=click.Choice(["ldam", "first"]), help="Which images the LT subset keeps.")
-@click.option("--backbone", help="Override the benchmark's backbone.")
-@click.option("--val-per-class", type=int, help="Held-out validation images per class.")
+@override_options
 @click.option("--benchmarks", envvar="HARNESS_BENCHMARKS", help="benchmarks.yaml to use.")
 def run(method, dataset, rho, seeds, preset, epochs, device, data_root, download, db, generator, backbone,
         val_per_class, cache_dir, benchmarks, no_progress) -> None:
@@ -115,8 +125,9 @@ def run(method, dataset, rho, seeds, preset, epochs, device, data_root, download
 @click.option("--address", help="Ray cluster to join (e.g. ray://host:10001); default: a local Ray instance.")
 @click.option("--dry-run", is_flag=True, help="List what would run, run nothing.")
 @training_options
+@override_options
 def sweep(benchmarks, methods, datasets, rhos, seeds, preset, epochs, jobs, executor, address, dry_run, device,
-          data_root, download, db, cache_dir, no_progress) -> None:
+          data_root, download, db, cache_dir, no_progress, generator, backbone, val_per_class) -> None:
     """Run the grid of benchmarks.yaml (methods x datasets x rho x seeds), skipping runs already completed."""
     from harness.runner import RunRequest
     from harness.sweep import execute_sweep, plan
@@ -126,6 +137,7 @@ def sweep(benchmarks, methods, datasets, rhos, seeds, preset, epochs, jobs, exec
     seed_list = list(dict.fromkeys(seeds)) or [0]
     base = RunRequest(method="", dataset="", rho=1.0, preset=preset, epochs=epochs, device=device,
                       data_root=data_root, download=download, db=db, cache_dir=cache_dir, benchmarks=benchmarks,
+                      generator=generator, backbone=backbone, val_per_class=val_per_class,
                       progress=not no_progress and jobs == 1 and executor == "local")
     planned = plan(base, list(dict.fromkeys(methods)), list(dict.fromkeys(datasets)),
                    list(dict.fromkeys(parse_rho(r) for r in rhos)), seed_list)
@@ -159,9 +171,10 @@ def sweep(benchmarks, methods, datasets, rhos, seeds, preset, epochs, jobs, exec
 @click.option("--no-final", is_flag=True, help="Search only (another process trains the chosen values).")
 @click.option("--epochs", type=int, help="Override stage-1 epochs (trials and tuned runs).")
 @training_options
+@override_options
 @click.option("--benchmarks", envvar="HARNESS_BENCHMARKS", help="benchmarks.yaml to use.")
 def tune(method, dataset, rho, params, trials, preset, seeds, jobs, study, no_final, epochs, device, data_root,
-         download, db, cache_dir, no_progress, benchmarks) -> None:
+         download, db, cache_dir, no_progress, generator, backbone, val_per_class, benchmarks) -> None:
     """Tune METHOD's hyper-parameters on the validation split (Optuna TPE); train the chosen
     values with the seeds as preset `tuned`. The study lives in the results store's database."""
     from harness.runner import RunRequest
@@ -169,7 +182,8 @@ def tune(method, dataset, rho, params, trials, preset, seeds, jobs, study, no_fi
 
     run = RunRequest(method=method, dataset=dataset, rho=parse_rho(rho), seeds=list(dict.fromkeys(seeds)) or [0],
                      preset=preset, epochs=epochs, device=device, data_root=data_root, download=download, db=db,
-                     cache_dir=cache_dir, benchmarks=benchmarks, progress=not no_progress)
+                     cache_dir=cache_dir, generator=generator, backbone=backbone, val_per_class=val_per_class,
+                     benchmarks=benchmarks, progress=not no_progress)
     result = run_tune(TuneRequest(run=run, params=list(params), trials=trials, study=study, jobs=jobs,
                                   final=not no_final), report=click.echo)
     for run_id, metrics in zip(result.get("runs", []), result.get("results", [])):
@@ -244,7 +258,9 @@ def list_(what: str, db: str | None, names: bool, dataset: str | None, benchmark
         from harness.store import Store
 
         rows = []
-        for r in Store(db).list_runs():
+        with Store(db) as store:
+            runs = store.list_runs()
+        for r in runs:
             top1 = next((m.top1 for m in r.metrics if m.split == "test" and m.group == "all"), None) \
                 if r.status == "completed" else None
             rows.append([r.id, r.method, r.dataset, f"{r.rho:g}", r.seed, r.preset, r.status, fmt(top1),
@@ -261,7 +277,8 @@ def show(run_id: str, db: str | None, as_json: bool) -> None:
     """Show one run: provenance, metrics and per-class results."""
     from harness.store import Store
 
-    r = Store(db).get_run(run_id)
+    with Store(db) as store:
+        r = store.get_run(run_id)
     head = {"id": r.id, "method": r.method, "dataset": r.dataset, "rho": r.rho, "backbone": r.backbone,
             "seed": r.seed, "generator": r.generator, "preset": r.preset, "status": r.status,
             "config_hash": r.config_hash, "device": r.device, "git_commit": r.git_commit,
@@ -301,7 +318,8 @@ def report(db, fmt_, out, file_, benchmarks) -> None:
     target = Path(out) if fmt_ in ("site", "html", "markdown") else Path(file_) if file_ else None
     if target is not None:
         check_writable(target, folder=fmt_ in ("site", "html", "markdown"))
-    boards = rep.build_boards(Store(db), benchmarks, plots=fmt_ in ("site", "html"))
+    with Store(db) as store:
+        boards = rep.build_boards(store, benchmarks, plots=fmt_ in ("site", "html"))
     if fmt_ in ("site", "html", "markdown"):
         written = []
         if fmt_ in ("site", "html"):

@@ -144,6 +144,9 @@ def execute(req: RunRequest) -> list[RunResult]:
         for job in jobs[len(results):] if store else []:
             store.fail_run(job.run_id, error, time.perf_counter() - start, getattr(exc, "epoch", None))
         raise
+    finally:
+        if store:
+            store.close()
     return results
 
 

@@ -131,6 +131,17 @@ class Store:
             raise HarnessError(f"cannot open results store {self.url}: {reason}; "
                                "check --db / HARNESS_DB (any SQLAlchemy URL)") from exc
 
+    def close(self) -> None:
+        # Closes the pooled connections now, not whenever the garbage collector breaks the
+        # engine's cycles: SQLite folds its WAL back into results.db only when the last one closes.
+        self.engine.dispose()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
     def session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
 

@@ -43,8 +43,7 @@ def plan(base: RunRequest, methods=None, datasets=None, rhos=None, seeds=(0,)) -
         if name not in benches:
             raise HarnessError(f"dataset '{name}' has no entry in {doc['_path']}; "
                                f"benchmarks there: {', '.join(sorted(benches))}")
-    store = Store(base.db)
-    with store.session() as s:
+    with Store(base.db) as store, store.session() as s:
         done = set(s.scalars(select(Run.config_hash).where(Run.status == "completed")).all())
     planned = []
     for dataset in datasets or list(benches):

@@ -102,6 +102,9 @@ def search_space(req: TuneRequest) -> list[Dimension]:
         raise HarnessError(f"{req.run.method} declares no search space; pass --param KEY=SPACE "
                            "(e.g. stage1.weight_decay=loguniform(1e-4,5e-2))")
     _, _, cfg = prepare(req.run, req.run.seeds[0])
+    if cfg.val_per_class == 0 and cfg.generator != "natural":   # refused before a trial trains for nothing
+        raise HarnessError("tuning scores trials on the validation split, and --val-per-class 0 leaves none; "
+                           "pass --val-per-class N (N >= 1)")
     known = recipe_keys(cfg.recipe)
     unknown = [key for key in space if key not in known]
     if unknown:
@@ -114,7 +117,11 @@ def study_name(req: TuneRequest, space: list[Dimension]) -> str:
     if req.study:
         return req.study
     r = req.run
-    digest = hashlib.sha256(json.dumps([[d.key, d.text] for d in space]).encode()).hexdigest()[:8]
+    # a benchmark default overridden (backbone, generator, validation split) is another study;
+    # without overrides the name is what it always was, so stored studies resume
+    overridden = [[k, v] for k, v in (("generator", r.generator), ("backbone", r.backbone),
+                                       ("val_per_class", r.val_per_class)) if v is not None]
+    digest = hashlib.sha256(json.dumps([[d.key, d.text] for d in space] + overridden).encode()).hexdigest()[:8]
     rho = r.rho if r.rho == "natural" else f"{float(r.rho):g}"
     return f"{r.method}-{r.dataset}-rho{rho}-{r.preset}-seed{r.seeds[0]}-{digest}"
 
@@ -156,7 +163,7 @@ def objective(req: TuneRequest, space: list[Dimension], name: str):
         run = replace(req.run, seeds=req.run.seeds[:1], overrides=params, study=name, progress=False,
                       extra={"trial": {"number": trial.number, "params": params}})
         [result] = execute(run)
-        value = result.metrics["val"]["all"]
+        value = result.metrics.get("val", {}).get("all")   # no "val": the data has no validation images
         if value is None or not math.isfinite(value):
             raise HarnessError("a trial has no validation accuracy; tuning needs a validation split (--val-per-class)")
         return value
@@ -200,7 +207,7 @@ def tune(req: TuneRequest, report=print) -> dict:
     space = search_space(req)
     name = study_name(req, space)
     url = db_url(req.run.db)
-    Store(url)  # an unusable store is refused here, before a study is made
+    Store(url).close()  # an unusable store is refused here, before a study is made
     if req.jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
         from multiprocessing import get_context

@@ -1,7 +1,9 @@
 """Hostile and bad input, as a table: each gives one line naming the fix, exit 2, and
 leaves the store as it was (no file created, no row written)."""
+import gc
 import os
 import pickle
+import sqlite3
 import sys
 
 import pytest
@@ -132,7 +134,7 @@ def existing_store(path):
     store.complete_run("r1", metrics=[{"split": "test", "group": "all", "top1": 70.0, "error": 30.0,
                                        "n_classes": 10}], class_metrics=[], curves=[], extra={}, wall_seconds=1.0,
                        stage1_cached=False)
-    store.engine.dispose()
+    store.close()
     return path.read_bytes()
 
 
@@ -156,6 +158,27 @@ def test_bad_input_gives_one_line_exit_2_and_an_unchanged_store(case, tmp_path, 
     assert not [p for p in tmp_path.glob("results.db-*") if p.stat().st_size]  # no pending WAL either
 
 
+def test_a_finished_run_leaves_every_row_in_results_db_and_no_connection_open(synth, tmp_path):
+    """execute closes its store: with the garbage collector held off, a connection left in the
+    engine's pool would keep the rows in results.db-wal, and a later process closing it would
+    rewrite results.db (a byte comparison of the store flaked on exactly that)."""
+    from harness.runner import RunRequest, execute
+
+    gc.disable()
+    try:
+        [result] = execute(RunRequest(method="ce", dataset="synth-lt", rho=100, preset="quick", device="cpu",
+                                      progress=False))
+        wal = tmp_path / "results.db-wal"
+        assert not (wal.exists() and wal.stat().st_size), "a connection of the run is still open"
+        conn = sqlite3.connect(tmp_path / "results.db")
+        try:
+            assert conn.execute("SELECT status FROM runs WHERE id = ?", (result.run_id,)).fetchone() == ("completed",)
+        finally:
+            conn.close()
+    finally:
+        gc.enable()
+
+
 def test_a_checkpoint_path_that_is_a_folder_is_refused_before_anything_is_written(synth, tmp_path, capsys,
                                                                                    monkeypatch):
     from harness.runner import RunRequest, execute
@@ -165,8 +188,6 @@ def test_a_checkpoint_path_that_is_a_folder_is_refused_before_anything_is_writte
     checkpoint.unlink()
     checkpoint.mkdir()  # a folder where stage 1's checkpoint belongs
     store_path = tmp_path / "results.db"
-    from harness.store import Store
-    Store(synth).engine.dispose()
     before = store_path.read_bytes()
     monkeypatch.setattr(sys, "argv", ["harness", "run", "--method", "crt", "--dataset", "synth-lt", "--rho", "100",
                                       "--preset", "quick", "--device", "cpu", "--no-progress"])

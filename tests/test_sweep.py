@@ -87,3 +87,26 @@ def test_every_seed_and_ratio_given_is_planned(synth):
     assert "12 runs to do" in out.output
     rows = [line for line in out.output.splitlines() if line.startswith("| ce") or line.startswith("| crt")]
     assert len(rows) == 4 and all("| 0 1 2 " in row for row in rows)
+
+
+def test_sweep_takes_run_s_overrides_and_skips_only_runs_made_with_them(synth):
+    """--val-per-class, --generator and --backbone reach every planned run, as in `harness run`;
+    a run made with an override is done for a sweep with the same override, not for the default."""
+    from click.testing import CliRunner
+
+    from harness.cli import cli
+
+    args = ["--dataset", "synth-lt", "--rho", "100", "--preset", "quick", "--device", "cpu", "--no-progress"]
+    ran = CliRunner().invoke(cli, ["run", "--method", "ce", "--val-per-class", "0", "--generator", "first", *args])
+    assert ran.exit_code == 0, ran.output
+    [run] = Store(synth).list_runs()
+    assert (run.config["val_per_class"], run.generator) == (0, "first")
+
+    def sweep(*overrides):
+        out = CliRunner().invoke(cli, ["sweep", "--methods", "ce", "--dry-run", *args[:-1], *overrides])
+        assert out.exit_code == 0, out.output
+        return out.output
+
+    assert "0 runs to do, 1 already in the store" in sweep("--val-per-class", "0", "--generator", "first")
+    assert "1 runs to do, 0 already in the store" in sweep("--generator", "first")   # the benchmark's split
+    assert "1 runs to do, 0 already in the store" in sweep("--val-per-class", "0")    # the benchmark's generator

@@ -152,3 +152,31 @@ def test_space_syntax():
     assert d.text == "loguniform(0.001, 1)"
     assert Dimension.parse("variant=categorical(softmax, focal)").values == ("softmax", "focal")
     assert Dimension.parse("x=int(1,4)").values == (1, 4)
+
+
+def test_an_override_of_the_benchmark_makes_another_study_and_the_default_keeps_its_name(synth):
+    import hashlib
+    import json
+
+    req = request(synth)
+    space = tune_mod.search_space(req)
+    digest = hashlib.sha256(json.dumps([[d.key, d.text] for d in space]).encode()).hexdigest()[:8]
+    assert tune_mod.study_name(req, space) == f"wb-synth-lt-rho100-quick-seed0-{digest}"   # stored studies resume
+    names = {tune_mod.study_name(request(synth), space)}
+    for override in ({"generator": "first"}, {"backbone": "resnet32"}, {"val_per_class": 3}, {"val_per_class": 0}):
+        other = request(synth)
+        other.run.__dict__.update(override)
+        names.add(tune_mod.study_name(other, space))
+    assert len(names) == 5
+
+
+def test_a_search_without_a_validation_split_is_refused_before_a_trial_trains(synth, tmp_path, monkeypatch):
+    req = request(synth, trials=1)
+    req.run.val_per_class = 0
+    with pytest.raises(HarnessError, match="--val-per-class 0 leaves none; pass --val-per-class N"):
+        tune(req, report=lambda line: None)
+    assert not (tmp_path / "results.db").exists()
+    # data without validation images that the request could not foretell: one line, no KeyError
+    monkeypatch.setattr(tune_mod, "search_space", lambda r: [Dimension.parse(SPACE[0])])
+    with pytest.raises(HarnessError, match=r"tuning needs a validation split \(--val-per-class\)"):
+        tune(req, report=lambda line: None)
