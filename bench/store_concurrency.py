@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import tempfile
 import time
 import uuid
@@ -37,6 +38,23 @@ def writer(url: str, worker: int, n_runs: int) -> list[str]:
         except Exception as exc:  # counted, not hidden: the figure is how many of these there are
             errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
     return errors
+
+
+def ready(_) -> int:
+    """A pool worker that is up (this module imported); sleeps so that each worker takes one."""
+    time.sleep(0.5)
+    return os.getpid()
+
+
+def open_at(url: str, when: float) -> str | None:
+    """Open (so create) the store at `url` at the wall-clock time `when`: processes racing to
+    create one store. The error, if any."""
+    time.sleep(max(0.0, when - time.time()))
+    try:
+        Store(url).close()
+    except Exception as exc:  # noqa: BLE001 -- counted by the caller
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+    return None
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from harness import HarnessError
 BASELINE = "0001"  # the schema results.db had before migrations existed
 VERSION_TABLE = "harness_alembic_version"
 LEGACY_TABLE = "alembic_version"  # where our revision was kept before Optuna shared the database
+SCHEMA_LOCK = int.from_bytes(b"ltr-hrns")  # PostgreSQL advisory lock key: the store's creation
 
 
 def alembic_config(connection: Connection):
@@ -70,6 +71,10 @@ def ensure_schema(engine: Engine, url: str, metadata) -> None:
     from alembic import command
 
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # processes opening a new store together create it one at a time, as SQLite's
+            # BEGIN IMMEDIATE makes them there; held until this transaction ends
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK})
         revision = current_revision(conn)
         if revision is None:
             metadata.create_all(conn)

@@ -1,11 +1,12 @@
 """The results store on every backend (SQLite always; PostgreSQL where a server is given)."""
 import multiprocessing as mp
+import time
 
 import pytest
 from alembic import command
 from sqlalchemy import create_engine, text
 
-from bench.store_concurrency import writer
+from bench.store_concurrency import open_at, ready, writer
 from harness import HarnessError
 from harness.migrate import alembic_config, head_revision, upgrade
 from harness.runner import RunRequest, execute
@@ -83,6 +84,20 @@ def test_parallel_writers_lose_nothing(store_url):
     assert errors == []
     runs = Store(store_url).list_runs()
     assert len(runs) == 60 and all(r.status == "completed" and len(r.metrics) == 4 for r in runs)
+
+
+def test_processes_that_open_a_new_store_together_create_it_once(store_url):
+    """Nobody made the store first: every process finds it missing and creates it, one at a
+    time (SQLite: BEGIN IMMEDIATE; PostgreSQL: an advisory lock), none failing on a table
+    another just created."""
+    with mp.get_context("spawn").Pool(6) as pool:
+        assert len(set(pool.map(ready, range(6), chunksize=1))) == 6   # all six up, the store's code imported
+        when = time.time() + 1.0
+        errors = [e for e in pool.starmap(open_at, [(store_url, when)] * 6) if e]
+    assert errors == []
+    with Store(store_url) as store:
+        new_run(store, "r")
+        assert [r.id for r in store.list_runs()] == ["r"]
 
 
 def test_a_real_run_is_stored(synth, store_url):
