@@ -305,8 +305,8 @@ def finish(job: Job, data: LTData, ddata: DeviceData, store: Store | None, cache
     own_seconds = time.perf_counter() - start + (0.0 if job.cached else ctx.extra["stage1_seconds"])
     if store is None:  # a torchrun process other than rank 0
         return RunResult(job.run_id, cfg, {}, ctx.extra, job.cached)
-    if "stage1_resumed_from_epoch" in ctx.extra or "stage2_resumed_from_epoch" in ctx.extra:
-        store.close_interrupted(cfg.config_hash(), job.run_id)
+    store.close_interrupted(cfg.config_hash(), job.run_id,
+                            resumed="stage1_resumed_from_epoch" in ctx.extra or "stage2_resumed_from_epoch" in ctx.extra)
     store.complete_run(job.run_id, metrics=metrics, class_metrics=class_rows, curves=ctx.curves, extra=ctx.extra,
                        wall_seconds=own_seconds, stage1_cached=job.cached)
     summary: dict = {}

@@ -172,14 +172,19 @@ class Store:
             run.finished_at = now()
             run.wall_seconds = wall_seconds
 
-    def close_interrupted(self, config_hash: str, resumed_by: str) -> int:
-        """Mark the `running` rows of a run that died and was resumed by `resumed_by` as failed."""
+    def close_interrupted(self, config_hash: str, completed_by: str, resumed: bool) -> int:
+        """Mark as failed the `running` rows of this configuration that started before run
+        `completed_by`, which finished it: their process died (kill -9, out of memory) before
+        it could say so. Rows started later may be live runs of the same configuration."""
         with self.session() as s, s.begin():
+            started = select(Run.started_at).where(Run.id == completed_by).scalar_subquery()
             rows = s.scalars(select(Run).where(Run.config_hash == config_hash, Run.status == "running",
-                                               Run.id != resumed_by)).all()
+                                               Run.id != completed_by, Run.started_at < started)).all()
             for run in rows:
                 run.status = "failed"
-                run.error = f"interrupted; its training was resumed by run {resumed_by}"
+                run.error = (f"interrupted; its training was resumed by run {completed_by}" if resumed else
+                             f"interrupted (its process ended without a word); run {completed_by} has since "
+                             "completed this configuration")
                 run.finished_at = now()
             return len(rows)
 

@@ -11,7 +11,7 @@ import torch
 
 from harness.checkpoints import load_epoch_checkpoint
 from harness.engine import DeviceData, Trainer, fit_many
-from harness.store import Store
+from harness.store import Run, Store
 from tests.test_cli import plugin_env
 from tests.test_engine import small_setup, spec_for
 
@@ -80,8 +80,10 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_then_to_scratch(tmp_path)
     train_states(ckpt, stop=1)
     for path in (ckpt, tmp_path / "run.prev.pt"):
         path.write_bytes(b"not a checkpoint")
-    with pytest.warns(UserWarning, match="training from scratch"):
+    with pytest.warns(UserWarning) as caught:
         scratch = train_states(ckpt)
+    said = [str(w.message) for w in caught]
+    assert sum("unreadable checkpoint" in m for m in said) == 2 and any("training from scratch" in m for m in said)
     assert scratch[1].resumed_from is None
     assert_same(reference, scratch)
 
@@ -179,3 +181,24 @@ def test_a_resumed_stage_2_says_so_before_its_progress(synth, monkeypatch, capsy
     said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("resuming")]
     assert len(said) == 1 and said[0].startswith("resuming stage 2 at epoch 2 of 2 (1 done; checkpoint "), said
     assert res.extra["stage2_resumed_from_epoch"] == 1
+
+
+def test_a_run_that_died_before_its_first_checkpoint_is_closed_by_the_rerun_that_completes_it(synth):
+    """Killed before any checkpoint, a run leaves a `running` row and nothing to resume: the
+    rerun trains afresh, and on completing closes the dead row, naming itself."""
+    from dataclasses import replace
+
+    from harness.runner import RunRequest, execute
+
+    req = RunRequest(method="ce", dataset="synth-lt", rho=100, preset="quick", device="cpu", progress=False)
+    [first] = execute(req)
+    with Store(synth) as store, store.session() as s, s.begin():   # its twin, as a kill -9 at start leaves it
+        done = s.get(Run, first.run_id)
+        s.add(Run(**{**{c.name: getattr(done, c.name) for c in Run.__table__.columns}, "id": "dead",
+                     "status": "running"}))
+    [rerun] = execute(replace(req))
+    with Store(synth) as store:
+        runs = {r.id: r for r in store.list_runs()}
+    assert runs["dead"].status == "failed" and f"run {rerun.run_id} has since completed" in runs["dead"].error
+    assert "resumed" not in runs["dead"].error and runs[first.run_id].status == "completed"
+

@@ -55,11 +55,16 @@ def test_failed_run_keeps_reason_and_epoch_and_interrupted_rows_are_closed(store
     store.fail_run("diverged", "TrainingDiverged: loss became nan in epoch 7", 3.0, failed_epoch=7)
     new_run(store, "dead", config_hash="same")
     new_run(store, "resumer", config_hash="same")
-    assert store.close_interrupted("same", resumed_by="resumer") == 1
+    new_run(store, "later", config_hash="same")   # started after the resumer: may be alive
+    assert store.close_interrupted("same", completed_by="resumer", resumed=True) == 1
     rows = {r.id: r for r in store.list_runs()}
     assert rows["diverged"].status == "failed" and rows["diverged"].failed_epoch == 7
-    assert rows["dead"].status == "failed" and "resumer" in rows["dead"].error
-    assert rows["resumer"].status == "running"
+    assert rows["dead"].status == "failed" and "resumed by run resumer" in rows["dead"].error
+    assert rows["resumer"].status == rows["later"].status == "running"
+    new_run(store, "rerun", config_hash="same")   # a fresh run of it, nothing resumed
+    assert store.close_interrupted("same", completed_by="rerun", resumed=False) == 2
+    rows = {r.id: r for r in store.list_runs()}
+    assert rows["later"].status == "failed" and "run rerun has since completed" in rows["later"].error
 
 
 def test_a_store_from_before_migrations_is_refused_then_upgraded(store_url):
