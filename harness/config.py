@@ -221,7 +221,7 @@ def describe_stage(stage: dict | None) -> str:
         return "—"
     schedule = stage.get("schedule", {})
     kind = schedule.get("kind", "?") + (f" ({schedule['step_at']})" if "step_at" in schedule else "")
-    extra = [f"{k} {stage[k]}" for k in ("epoch_steps", "train_only") if k in stage]
+    extra = [f"{k} {stage[k]}" for k in ("epoch_steps", "train_only", "fresh", "train_mode_only") if k in stage]
     return ", ".join([f"{stage.get('epochs')} ep", f"batch {stage.get('batch_size')}", f"lr {stage.get('lr')}",
                       f"wd {stage.get('weight_decay')}", kind, *extra])
 

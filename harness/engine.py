@@ -141,13 +141,16 @@ class TrainSpec:
     params: list | None = None
     frozen_backbone: bool = False        # features computed without gradients
     bn_mode: str = "train"               # BatchNorm mode of a frozen backbone
+    # module-name prefixes: only these run in train mode, the rest in eval mode (BatchNorm
+    # statistics frozen), e.g. a fresh block trained on a frozen pretrained trunk; None: all
+    train_mode_only: list[str] | None = None
     after_step: Callable[[], None] | None = None  # tensor ops only (it is captured in the CUDA graph)
     transforms: list[BatchTransform] = field(default_factory=list)  # per-step batch work, in order
     nesterov: bool = False
     cuda_graphs: bool = True             # capture the step on CUDA; eager elsewhere
 
     RECIPE_KEYS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "nesterov", "per_class",
-                   "shuffle_batch", "epoch_steps")
+                   "shuffle_batch", "epoch_steps", "train_mode_only")
 
     @classmethod
     def from_recipe(cls, recipe: dict, **kw) -> "TrainSpec":
@@ -432,6 +435,10 @@ class Trainer:
         self.model.train()
         if self.spec.frozen_backbone and self.spec.bn_mode == "eval":
             self.model.body.eval()
+        if self.spec.train_mode_only is not None:
+            keep = tuple(self.spec.train_mode_only)
+            for name, module in self.model.named_modules():   # one module at a time: eval() would recurse
+                module.training = module.training and f"{name}.".startswith(keep)
 
     def on_stream(self):
         return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()

@@ -172,6 +172,20 @@ def check_backbone(name: str) -> None:
                            f"{', '.join(TIMM_BACKBONES)} (+pretrained), timm:<any timm model>")
 
 
+def reinitialise(model: nn.Module, prefixes: list[str] | None) -> None:
+    """Give the modules under `prefixes` PyTorch's default initialisation (BatchNorm: weight 1,
+    bias 0, statistics reset): a fresh block in place of a pretrained one, as the official
+    MiSLAS and FBL Places-LT codes build theirs (a standalone Bottleneck on a trunk without it)."""
+    if not prefixes:
+        return
+    modules = [m for name, m in model.named_modules() if f"{name}.".startswith(tuple(prefixes))]
+    if not modules:
+        raise HarnessError(f"fresh {prefixes} names no module of the model")
+    for module in modules:
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+
+
 def build_model(name: str, num_classes: int, in_channels: int) -> Classifier:
     check_backbone(name)
     if name in BACKBONES:

@@ -25,7 +25,7 @@ from harness.distributed import init_from_env, is_main, world
 from harness.engine import (DeviceData, Trainer, TrainSpec, device_name, fit_many, predict, resolve_device,
                             train)
 from harness.method import Method, RunContext
-from harness.models import build_model, check_backbone, head_weight
+from harness.models import build_model, check_backbone, head_weight, reinitialise
 from harness.provenance import git_commit, package_versions
 from harness.registry import DATASETS, METHODS
 from harness.store import Run, Store, now
@@ -180,6 +180,7 @@ def plan_job(method: Method, cfg: RunConfig, spec, data: LTData, ddata: DeviceDa
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     model = build_model(cfg.backbone, data.num_classes, spec.channels)
+    reinitialise(model, cfg.recipe["stage1"].get("fresh"))
     ctx = RunContext(data=ddata, train_counts=data.train_counts, recipe=cfg.recipe, seed=cfg.seed)
     ctx.extra.update(extra, **titles(method, spec))
     if world()[1] > 1:

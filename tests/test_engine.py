@@ -223,3 +223,23 @@ def test_nan_loss_stops_training_with_the_epoch():
     bad = spec_for(loss=lambda logits, feats, y, epoch: logits.sum() * float("nan"))
     with pytest.raises(TrainingDiverged, match="epoch 0"):
         train(model, dd, bad, seed=0)
+
+
+def test_train_mode_only_keeps_every_other_module_in_eval_mode():
+    """A fresh block on a frozen trunk (MiSLAS, FBL on Places): only the named modules run in
+    train mode; the trunk's BatchNorm statistics do not move."""
+    from harness.engine import train
+    data, model = small_setup()
+    dd = DeviceData(data, (0.5,), (0.25,), 1, True, torch.device("cpu"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = [p for name, p in model.named_parameters() if name.startswith(("body.3.", "body.4.", "fc."))]
+    for p in model.parameters():
+        p.requires_grad_(any(p is q for q in params))
+    train(model, dd, spec_for(params=params, train_mode_only=["body.4."]), seed=0)
+    after = model.state_dict()
+    for bn in ("body.1", "body.7"):   # the trunk's BatchNorm: statistics as they were
+        assert torch.equal(before[f"{bn}.running_mean"], after[f"{bn}.running_mean"])
+        assert torch.equal(before[f"{bn}.num_batches_tracked"], after[f"{bn}.num_batches_tracked"])
+    assert not torch.equal(before["body.4.running_mean"], after["body.4.running_mean"])
+    assert not torch.equal(before["body.3.weight"], after["body.3.weight"])
+    assert torch.equal(before["body.0.weight"], after["body.0.weight"])

@@ -31,3 +31,33 @@ def test_backbones_give_features_and_logits():
         x = torch.randn(shape)
         assert model.features(x).shape == (2, dim)
         assert model(x).shape == (2, 7)
+
+
+def test_a_fresh_block_gets_pytorchs_default_init_and_nothing_else_moves():
+    """MiSLAS's and FBL's Places block is a standalone Bottleneck: PyTorch's default init
+    (kaiming-uniform a=√5 convolutions, BatchNorm 1/0 with fresh statistics)."""
+    import math
+
+    import pytest
+
+    from harness import HarnessError
+    from harness.models import reinitialise
+
+    model = build_model("fmnist-cnn", 3, 1)
+    with torch.no_grad():   # as if pretrained: nothing at its default
+        for bn in (model.body[1], model.body[4]):
+            bn.weight.fill_(5.0), bn.bias.fill_(2.0), bn.running_mean.fill_(3.0), bn.running_var.fill_(4.0)
+            bn.num_batches_tracked.fill_(7)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(0)
+    reinitialise(model, ["body.3.", "body.4."])   # the middle stage's conv and BatchNorm
+    after = model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved == {"body.3.weight", "body.4.weight", "body.4.bias", "body.4.running_mean", "body.4.running_var",
+                     "body.4.num_batches_tracked"}
+    bn = model.body[4]
+    assert bn.weight.eq(1).all() and bn.bias.eq(0).all() and bn.running_mean.eq(0).all() and bn.running_var.eq(1).all()
+    fan_in = 32 * 3 * 3
+    assert after["body.3.weight"].abs().max() <= 1 / math.sqrt(fan_in)   # kaiming-uniform, a = √5
+    with pytest.raises(HarnessError, match=r"fresh \['body.layer4.2.'\] names no module"):
+        reinitialise(model, ["body.layer4.2."])

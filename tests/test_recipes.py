@@ -39,7 +39,11 @@ def test_places_recipes():
     ce = recipe("places-lt", "ce", 996)
     assert ce.backbone == "resnet152+pretrained" and ce.recipe["stage1"]["train_only"] == ["body.layer4.2.", "fc."]
     fbl = recipe("places-lt", "fbl", 996).recipe
-    assert fbl["stage1"]["schedule"]["steps"] == [[60, 0.1], [80, 0.01]] and fbl["deviations"]
+    assert fbl["stage1"]["schedule"]["steps"] == [[60, 0.1], [80, 0.01]] and not fbl.get("deviations")
+    # FBL's resnet152_p + Block: the pretrained trunk without its last block, frozen in eval mode
+    stage1 = fbl["stage1"]
+    assert (stage1["train_only"], stage1["fresh"], stage1["train_mode_only"]) == \
+        (["body.layer4.2.", "fc."], ["body.layer4.2."], ["body.layer4.2."])
 
 
 def test_fbl_large_benchmark_loop():
@@ -96,8 +100,8 @@ def test_a_method_without_a_recipe_says_it_borrows_ces():
     ("places-lt", 996, 90, 5e-4, 0.4, 0.1, "rrc+flip+jitter")])
 def test_mislas_large_benchmarks_follow_its_configs(dataset, rho, epochs, wd, head, tail, augmentation):
     """config/{imagenet,ina2018,places}: batch 256, mixup 0.2, cosine at the 0-based epoch without
-    warm-up; stage 2 with shift_bn and lr_factor 0.05. Its references then give Δ, except on
-    Places, where the fresh bottleneck block is not built."""
+    warm-up; stage 2 with shift_bn and lr_factor 0.05; on Places a fresh bottleneck block on the
+    frozen trunk (eval mode in both stages). Its references then give Δ."""
     from harness.report_protocol import Reference, differences, is_comparable
 
     cfg = recipe(dataset, "mislas", rho)
@@ -113,7 +117,11 @@ def test_mislas_large_benchmarks_follow_its_configs(dataset, rho, epochs, wd, he
     [ref] = [Reference.from_entry(e) for e in DOC["benchmarks"][dataset]["references"] if e["method"] == "mislas"]
     ours = {"backbone": cfg.backbone, "generator": cfg.generator, "epochs": epochs, "augmentation": r["augmentation"]}
     assert is_comparable(differences(ref, ours))
-    assert bool(r.get("deviations")) == (dataset == "places-lt")
+    assert not r.get("deviations")
+    places = dataset == "places-lt"
+    assert r["stage1"].get("fresh") == r["stage1"].get("train_mode_only") == s2.get("train_mode_only") == \
+        (["body.layer4.2."] if places else None)
+    assert r["stage1"].get("train_only") == (["body.layer4.2.", "fc."] if places else None)
 
 
 def test_class_balanced_loss_on_inaturalist_is_cuis_tpu_recipe():

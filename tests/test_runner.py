@@ -177,3 +177,31 @@ def test_posthoc_adjustment_reuses_ce_and_predicts_at_the_val_chosen_tau(synth):
     assert sweep[("test", "all", 0.0)] == pytest.approx(ce.metrics["test"]["all"])  # τ = 0 is CE itself
     assert res.extra["tau1_test_top1"] == pytest.approx(sweep[("test", "all", 1.0)])
     assert res.extra["tau_oracle_test_top1"] == max(v for (s, g, _), v in sweep.items() if (s, g) == ("test", "all"))
+
+
+def test_a_fresh_block_on_a_frozen_trunk_trains_alone(synth, tmp_path, monkeypatch):
+    """The Places-LT recipe of MiSLAS and FBL in miniature: `fresh` re-initialises the block,
+    `train_only` freezes the rest, `train_mode_only` keeps the trunk's BatchNorm statistics."""
+    import torch
+
+    from tests.synthetic import BENCHMARKS_YAML
+
+    def stage1_of(ce_stage1: str, name: str) -> dict:
+        bench = tmp_path / f"{name}.yaml"
+        bench.write_text(BENCHMARKS_YAML.replace("ce: {stage1: *tiny}", f"ce: {{stage1: {ce_stage1}}}"))
+        monkeypatch.setenv("HARNESS_BENCHMARKS", str(bench))
+        [result] = execute(RunRequest(method="ce", dataset="synth-lt", rho=100, preset="quick", device="cpu",
+                                      progress=False))
+        path = tmp_path / "cache" / "stage1" / result.extra["stage1_checkpoint"]
+        return torch.load(path, weights_only=True)["model"]
+
+    frozen = "train_only: [body.3., body.4., fc.], train_mode_only: [body.4.]"
+    fresh = stage1_of(f"{{<<: *tiny, {frozen}, fresh: [body.3., body.4.]}}", "fresh")
+    pretrained = stage1_of(f"{{<<: *tiny, {frozen}}}", "kept")   # the same, the block as built
+    torch.manual_seed(0)
+    initial = runner_mod.build_model("fmnist-cnn", 6, 1).state_dict()
+    for key in ("body.0.weight", "body.1.weight", "body.1.running_mean", "body.1.num_batches_tracked",
+                "body.7.running_var"):   # the trunk: frozen, statistics included
+        assert torch.equal(fresh[key], initial[key]) and torch.equal(pretrained[key], initial[key]), key
+    assert not torch.equal(fresh["body.4.running_mean"], initial["body.4.running_mean"])   # the block trains
+    assert not torch.equal(fresh["body.3.weight"], pretrained["body.3.weight"])   # from another start
