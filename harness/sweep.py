@@ -43,24 +43,29 @@ def plan(base: RunRequest, methods=None, datasets=None, rhos=None, seeds=(0,)) -
         if name not in benches:
             raise HarnessError(f"dataset '{name}' has no entry in {doc['_path']}; "
                                f"benchmarks there: {', '.join(sorted(benches))}")
-    with Store(base.db) as store, store.session() as s:
-        done = set(s.scalars(select(Run.config_hash).where(Run.status == "completed")).all())
-    planned = []
+    grid = []   # (method, dataset, rho, [(seed, config hash)], stage-1 recipe): every request validated first
     for dataset in datasets or list(benches):
         DATASETS.get(dataset)  # an unregistered dataset fails here, with the known names
         bench = benches[dataset]
         for rho in rhos or bench.get("rhos", []):
+            rho = rho if rho == "natural" else float(rho)
             for method in methods or list(bench.get("methods", {})):
-                todo, skipped, stage1 = [], [], None
+                hashes, stage1 = [], None
                 for seed in seeds:
-                    rho = rho if rho == "natural" else float(rho)
-                    req = replace(base, method=method, dataset=dataset, rho=rho, seeds=[seed])
-                    _, _, cfg = prepare(req, seed)
-                    (skipped if cfg.config_hash() in done else todo).append(seed)
+                    _, _, cfg = prepare(replace(base, method=method, dataset=dataset, rho=rho, seeds=[seed]), seed)
+                    hashes.append((seed, cfg.config_hash()))
                     stage1 = cfg.recipe["stage1"]
-                if todo or skipped:
-                    planned.append(Planned(replace(base, method=method, dataset=dataset, rho=rho, seeds=todo),
-                                           skipped, chain_key(dataset, rho, stage1)))
+                grid.append((method, dataset, rho, hashes, stage1))
+    # opened only once the grid is known to be good: bad input creates no store
+    with Store(base.db) as store, store.session() as s:
+        done = set(s.scalars(select(Run.config_hash).where(Run.status == "completed")).all())
+    planned = []
+    for method, dataset, rho, hashes, stage1 in grid:
+        todo = [seed for seed, h in hashes if h not in done]
+        skipped = [seed for seed, h in hashes if h in done]
+        if hashes:
+            planned.append(Planned(replace(base, method=method, dataset=dataset, rho=rho, seeds=todo), skipped,
+                                   chain_key(dataset, rho, stage1)))
     return planned
 
 

@@ -52,11 +52,13 @@ def test_sweep_bad_input_is_one_line_and_runs_nothing(tmp_path):
                           (["--jobs", "0"], "--jobs must be >= 1"),
                           (["--seeds", "0", "1", "extra.yaml"], "'extra.yaml' is not a valid integer"),
                           (["--rho", "100", "nan"], "--rho takes a finite number >= 1"),
-                          (["--benchmarks", "/no/such.yaml"], "/no/such.yaml does not exist")):
+                          (["--benchmarks", "/no/such.yaml"], "/no/such.yaml does not exist"),
+                          (["--val-per-class", "-1"], "--val-per-class must be >= 0, got -1"),
+                          (["--backbone", "resnet9000"], "unknown backbone 'resnet9000'")):
         out = harness("sweep", "--benchmarks", bench, *args, env=env, cwd=tmp_path)
         assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, \
             out.stderr
-    assert Store(env["HARNESS_DB"]).list_runs() == []
+        assert not (tmp_path / "r.db").exists(), args   # refused before the store is opened
 
 
 def test_sweep_on_a_local_ray_instance(tmp_path):
