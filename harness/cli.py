@@ -258,7 +258,7 @@ def list_(what: str, db: str | None, names: bool, dataset: str | None, benchmark
         from harness.store import Store
 
         rows = []
-        with Store(db) as store:
+        with Store(db, create=False) as store:
             runs = store.list_runs()
         for r in runs:
             top1 = next((m.top1 for m in r.metrics if m.split == "test" and m.group == "all"), None) \
@@ -277,7 +277,7 @@ def show(run_id: str, db: str | None, as_json: bool) -> None:
     """Show one run: provenance, metrics and per-class results."""
     from harness.store import Store
 
-    with Store(db) as store:
+    with Store(db, create=False) as store:
         r = store.get_run(run_id)
     head = {"id": r.id, "method": r.method, "dataset": r.dataset, "rho": r.rho, "backbone": r.backbone,
             "seed": r.seed, "generator": r.generator, "preset": r.preset, "status": r.status,
@@ -318,7 +318,7 @@ def report(db, fmt_, out, file_, benchmarks) -> None:
     target = Path(out) if fmt_ in ("site", "html", "markdown") else Path(file_) if file_ else None
     if target is not None:
         check_writable(target, folder=fmt_ in ("site", "html", "markdown"))
-    with Store(db) as store:
+    with Store(db, create=False) as store:
         boards = rep.build_boards(store, benchmarks, plots=fmt_ in ("site", "html"))
     if fmt_ in ("site", "html", "markdown"):
         written = []

@@ -67,7 +67,7 @@ def current_revision(conn: Connection) -> str | None:
     return revision
 
 
-def ensure_schema(engine: Engine, url: str, metadata) -> None:
+def ensure_schema(engine: Engine, url: str, metadata, create: bool = True) -> None:
     from alembic import command
 
     with engine.begin() as conn:
@@ -76,6 +76,9 @@ def ensure_schema(engine: Engine, url: str, metadata) -> None:
             # BEGIN IMMEDIATE makes them there; held until this transaction ends
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK})
         revision = current_revision(conn)
+        if revision is None and not create:
+            raise HarnessError(f"{url} holds no results store; check --db / HARNESS_DB, or make one with "
+                               "`harness run` or `harness sweep`")
         if revision is None:
             metadata.create_all(conn)
             command.stamp(alembic_config(conn), "head")

@@ -117,15 +117,21 @@ def _sqlite_begin(conn) -> None:
 
 
 class Store:
-    def __init__(self, url: str | None = None):
+    def __init__(self, url: str | None = None, create: bool = True):
+        """`create=False` for commands that only read (list, show, report): a store that does
+        not exist yet is an error naming --db, not an empty one made on a typo."""
         self.url = db_url(url)
         try:
             kwargs = {"connect_args": {"timeout": 30}} if self.url.startswith("sqlite") else {}
             self.engine = create_engine(self.url, **kwargs)
+            path = self.engine.url.database if self.url.startswith("sqlite") else None
+            if not create and path and path != ":memory:" and not os.path.exists(path):
+                raise HarnessError(f"no results store at {path}; check --db / HARNESS_DB, or make one with "
+                                   "`harness run` or `harness sweep`")
             if self.url.startswith("sqlite"):
                 event.listen(self.engine, "connect", _sqlite_pragmas)
                 event.listen(self.engine, "begin", _sqlite_begin)
-            ensure_schema(self.engine, self.url, Base.metadata)
+            ensure_schema(self.engine, self.url, Base.metadata, create)
         except (SQLAlchemyError, ImportError, ValueError) as exc:
             reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
             raise HarnessError(f"cannot open results store {self.url}: {reason}; "

@@ -80,7 +80,7 @@ CASES = {
                                                str(image_tree(t / "d"))], "cannot be used"),
     # the store is opened only once the data are known good, so these two go through `list runs`
     "unreachable database": (lambda t: ["list", "runs", "--db", f"sqlite:///{t}/no/such/dir/r.db"],
-                             "cannot open results store"),
+                             "no results store at"),   # `run` on it: tests/test_cli.py, "cannot open"
     "results.db that is not a database": (lambda t: ["list", "runs", "--db",
                                                      f"sqlite:///{write(t / 'junk.db', 'junk' * 500)}"],
                                           "file is not a database"),

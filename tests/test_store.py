@@ -110,3 +110,20 @@ def test_a_real_run_is_stored(synth, store_url):
                                progress=False))
     row = Store(store_url).get_run(res.run_id)
     assert row.status == "completed" and len(row.class_metrics) == 6
+
+
+def test_a_reader_never_creates_a_store(store_url):
+    """`create=False` (list, show, report): a database without our tables is refused and left
+    as it was; once a writer made the store, the reader opens it."""
+    with pytest.raises(HarnessError, match="no results store"):
+        Store(store_url, create=False)
+    engine = create_engine(store_url)
+    try:
+        with engine.connect() as conn:
+            from sqlalchemy import inspect
+            assert inspect(conn).get_table_names() == []
+    finally:
+        engine.dispose()
+    Store(store_url).close()
+    with Store(store_url, create=False) as store:
+        assert store.list_runs() == []
