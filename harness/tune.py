@@ -65,6 +65,17 @@ class Dimension:
             return trial.suggest_int(self.key, int(lo), int(hi))
         return trial.suggest_categorical(self.key, list(self.values))
 
+    def distribution(self):
+        """What `suggest` draws from, for a trial added by hand (`reclaim_orphans`)."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        if self.kind == "categorical":
+            return CategoricalDistribution(list(self.values))
+        lo, hi = self.values
+        if self.kind == "int":
+            return IntDistribution(int(lo), int(hi))
+        return FloatDistribution(lo, hi, log=self.kind == "loguniform")
+
     @property
     def text(self) -> str:
         return f"{self.kind}({', '.join(map(str, self.values))})"
@@ -176,6 +187,33 @@ def complete_trials(study) -> list:
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
 
+def reclaim_orphans(study, space: list[Dimension], name: str, url: str, report=print) -> int:
+    """Trial runs the store completed but the study never recorded (the process died between
+    the run's row and Optuna's): added to the study as complete trials with their validation
+    top-1, so that their training counts. Returns how many."""
+    import optuna
+    from sqlalchemy import select
+
+    from harness.store import Metric, Run, Store
+
+    complete = complete_trials(study)
+    known = {t.number for t in complete} | {t.user_attrs.get("run_id") for t in study.trials}
+    with Store(url) as store, store.session() as s:
+        rows = s.execute(select(Run.id, Run.extra, Metric.top1).join(Metric).where(
+            Run.study == name, Run.status == "completed", Metric.split == "val", Metric.group == "all")).all()
+    added = 0
+    for run_id, extra, val_top1 in sorted(rows, key=lambda row: row[1]["trial"]["number"]):
+        if run_id in known or extra["trial"]["number"] in known or val_top1 is None:
+            continue
+        study.add_trial(optuna.trial.create_trial(
+            params=extra["trial"]["params"], distributions={d.key: d.distribution() for d in space},
+            value=val_top1, user_attrs={"run_id": run_id}))
+        report(f"trial {extra['trial']['number']}: its run {run_id} completed, unrecorded by the study: "
+               f"added with val top-1 {val_top1:.2f}")
+        added += 1
+    return added
+
+
 def run_search(req: TuneRequest, space: list[Dimension], name: str, url: str, report=print):
     """Trials until the study holds `req.trials` complete ones (those of earlier or parallel
     processes count); returns the study."""
@@ -208,6 +246,7 @@ def tune(req: TuneRequest, report=print) -> dict:
     name = study_name(req, space)
     url = db_url(req.run.db)
     Store(url).close()  # an unusable store is refused here, before a study is made
+    reclaim_orphans(open_study(url, name, req.run.seeds[0]), space, name, url, report)   # before any worker
     if req.jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
         from multiprocessing import get_context

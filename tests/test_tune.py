@@ -92,16 +92,17 @@ def test_a_study_killed_mid_trial_goes_on_with_the_trials_it_had(tmp_path):
         time.sleep(0.2)
     victim.send_signal(signal.SIGKILL)
     assert victim.wait() == -signal.SIGKILL, "the search finished before it could be killed"
-    # the trials the study had: a kill between a trial's run row and Optuna's record of it leaves
-    # a completed run whose trial is not complete, so count what Optuna holds
-    done_before = {t.number for t in tune_mod.complete_trials(open_study(url, "killed", 0))}
+    # the trials it had: every completed trial run, Optuna's record of it or not (a kill between
+    # the two is added back when the study goes on)
+    done_before = {r.id for r in Store(url).list_runs() if r.status == "completed"}
     assert done_before
-    assert done_before <= {r.extra["trial"]["number"] for r in Store(url).list_runs() if r.status == "completed"}
     rerun = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     assert f"study killed: {len(done_before)} of 4 trials done" in rerun.stdout
-    complete = {t.number for t in tune_mod.complete_trials(open_study(url, "killed", 0))}
-    assert len(complete) == 4 and done_before <= complete  # the trials it had, plus new ones
+    complete = tune_mod.complete_trials(open_study(url, "killed", 0))
+    runs = {r.extra["trial"]["number"]: r.id for r in trial_runs(url, "killed")}
+    counted = {t.user_attrs.get("run_id") or runs[t.number] for t in complete}
+    assert len(complete) == 4 and done_before <= counted   # the trials it had, plus new ones
 
 
 def test_two_processes_share_one_study_without_losing_a_trial(tmp_path, store_url):
@@ -180,3 +181,36 @@ def test_a_search_without_a_validation_split_is_refused_before_a_trial_trains(sy
     monkeypatch.setattr(tune_mod, "search_space", lambda r: [Dimension.parse(SPACE[0])])
     with pytest.raises(HarnessError, match=r"tuning needs a validation split \(--val-per-class\)"):
         tune(req, report=lambda line: None)
+
+
+def test_a_trial_whose_process_died_after_its_run_counts_when_the_study_goes_on(synth, monkeypatch):
+    """Killed between the run's row and Optuna's record: the run's training is not lost; the
+    study, resumed, adds it as a complete trial with its validation top-1 and trains no other."""
+    real_objective = tune_mod.objective
+
+    def dying_after_trial_1(req, space, name):
+        run_trial = real_objective(req, space, name)
+
+        def objective(trial):
+            value = run_trial(trial)
+            if trial.number == 1:
+                raise KeyboardInterrupt   # the row says completed; Optuna never hears of it
+            return value
+        return objective
+
+    monkeypatch.setattr(tune_mod, "objective", dying_after_trial_1)
+    with pytest.raises(KeyboardInterrupt):
+        tune(request(synth, trials=2, final=False), report=lambda line: None)
+    monkeypatch.setattr(tune_mod, "objective", real_objective)
+    name = tune_mod.study_name(request(synth), tune_mod.search_space(request(synth)))
+    [orphan] = [r for r in trial_runs(synth, name) if r.extra["trial"]["number"] == 1]
+    lines = []
+    result = tune(request(synth, trials=2, final=False), report=lines.append)
+    assert f"study {name}: 2 of 2 trials done" in lines
+    assert len(trial_runs(synth, name)) == 2 and result["n_trials"] == 2   # nothing trained again
+    [added] = [t for t in tune_mod.complete_trials(open_study(synth, name, 0)) if t.user_attrs.get("run_id")]
+    assert added.user_attrs["run_id"] == orphan.id and added.params == orphan.extra["trial"]["params"]
+    assert added.value == pytest.approx(val_top1(synth, orphan.id))
+    again = []
+    tune(request(synth, trials=2, final=False), report=again.append)   # added once, not on every start
+    assert f"study {name}: 2 of 2 trials done" in again
