@@ -23,6 +23,7 @@ BASELINE = "0001"  # the schema results.db had before migrations existed
 VERSION_TABLE = "harness_alembic_version"
 LEGACY_TABLE = "alembic_version"  # where our revision was kept before Optuna shared the database
 SCHEMA_LOCK = int.from_bytes(b"ltr-hrns")  # PostgreSQL advisory lock key: the store's creation
+NO_STORE_FIX = "check --db / HARNESS_DB, or make one with `harness run` or `harness sweep`"
 
 
 def alembic_config(connection: Connection):
@@ -77,8 +78,7 @@ def ensure_schema(engine: Engine, url: str, metadata, create: bool = True) -> No
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK})
         revision = current_revision(conn)
         if revision is None and not create:
-            raise HarnessError(f"{url} holds no results store; check --db / HARNESS_DB, or make one with "
-                               "`harness run` or `harness sweep`")
+            raise HarnessError(f"{url} holds no results store; {NO_STORE_FIX}")
         if revision is None:
             metadata.create_all(conn)
             command.stamp(alembic_config(conn), "head")

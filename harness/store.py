@@ -16,7 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload
 
 from harness import HarnessError
-from harness.migrate import ensure_schema
+from harness.migrate import NO_STORE_FIX, ensure_schema
 
 DEFAULT_URL = "sqlite:///results.db"
 
@@ -126,8 +126,7 @@ class Store:
             self.engine = create_engine(self.url, **kwargs)
             path = self.engine.url.database if self.url.startswith("sqlite") else None
             if not create and path and path != ":memory:" and not os.path.exists(path):
-                raise HarnessError(f"no results store at {path}; check --db / HARNESS_DB, or make one with "
-                                   "`harness run` or `harness sweep`")
+                raise HarnessError(f"no results store at {path}; {NO_STORE_FIX}")
             if self.url.startswith("sqlite"):
                 event.listen(self.engine, "connect", _sqlite_pragmas)
                 event.listen(self.engine, "begin", _sqlite_begin)

@@ -187,23 +187,23 @@ def complete_trials(study) -> list:
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
 
-def reclaim_orphans(study, space: list[Dimension], name: str, url: str, report=print) -> int:
+def reclaim_orphans(study, space: list[Dimension], name: str, store, report=print) -> int:
     """Trial runs the store completed but the study never recorded (the process died between
     the run's row and Optuna's): added to the study as complete trials with their validation
     top-1, so that their training counts. Returns how many."""
     import optuna
     from sqlalchemy import select
 
-    from harness.store import Metric, Run, Store
+    from harness.store import Metric, Run
 
-    complete = complete_trials(study)
-    known = {t.number for t in complete} | {t.user_attrs.get("run_id") for t in study.trials}
-    with Store(url) as store, store.session() as s:
+    recorded_numbers = {t.number for t in complete_trials(study)}
+    recorded_runs = {t.user_attrs["run_id"] for t in study.trials if "run_id" in t.user_attrs}   # added back before
+    with store.session() as s:
         rows = s.execute(select(Run.id, Run.extra, Metric.top1).join(Metric).where(
             Run.study == name, Run.status == "completed", Metric.split == "val", Metric.group == "all")).all()
     added = 0
     for run_id, extra, val_top1 in sorted(rows, key=lambda row: row[1]["trial"]["number"]):
-        if run_id in known or extra["trial"]["number"] in known or val_top1 is None:
+        if run_id in recorded_runs or extra["trial"]["number"] in recorded_numbers or val_top1 is None:
             continue
         study.add_trial(optuna.trial.create_trial(
             params=extra["trial"]["params"], distributions={d.key: d.distribution() for d in space},
@@ -245,8 +245,8 @@ def tune(req: TuneRequest, report=print) -> dict:
     space = search_space(req)
     name = study_name(req, space)
     url = db_url(req.run.db)
-    Store(url).close()  # an unusable store is refused here, before a study is made
-    reclaim_orphans(open_study(url, name, req.run.seeds[0]), space, name, url, report)   # before any worker
+    with Store(url) as store:   # an unusable store is refused here, before a study is made
+        reclaim_orphans(open_study(url, name, req.run.seeds[0]), space, name, store, report)   # before any worker
     if req.jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
         from multiprocessing import get_context
