@@ -274,7 +274,7 @@ def write_smoke_benchmarks(path: Path) -> Path:
 def write_smoke_tar(path: Path) -> Path:
     """Random JPEGs in the layout of cifar10-jpeg.tar.gz, each class around a colour of its own."""
     import torch
-    from torchvision.io import encode_jpeg
+    from PIL import Image
 
     gen = torch.Generator().manual_seed(0)
     with tarfile.open(path, "w:gz") as tar:
@@ -283,7 +283,9 @@ def write_smoke_tar(path: Path) -> Path:
                 colour = torch.rand((1, 3, 1, 1), generator=gen) * 255
                 noise = torch.randn((per_class, 3, 32, 32), generator=gen) * 40
                 for i, image in enumerate((colour + noise).clamp(0, 255).to(torch.uint8)):
-                    jpeg = encode_jpeg(image, quality=75).numpy().tobytes()
+                    buffer = io.BytesIO()
+                    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, "JPEG", quality=75)
+                    jpeg = buffer.getvalue()
                     info = tarfile.TarInfo(f"{DATA_TOP}/{split}/{name}/{i:04d}.jpg")
                     info.size = len(jpeg)
                     tar.addfile(info, io.BytesIO(jpeg))

@@ -130,19 +130,29 @@ def image_folder_files(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     return files, classes
 
 
+def decode_file(path: Path, channels: int) -> torch.Tensor:
+    """One image file as a (C, H, W) uint8 tensor, with PIL as the streamed loader decodes.
+    A JPEG read as greyscale is its decoded luma channel (draft), not a conversion of the
+    decoded RGB, which differs by up to 21 levels at colour edges."""
+    from PIL import Image
+
+    mode = "L" if channels == 1 else "RGB"
+    with Image.open(path) as img:
+        img.draft(mode, img.size)   # JPEG only (a no-op elsewhere); same size, so no DCT scaling
+        pixels = np.array(img.convert(mode))   # a writable copy for torch
+    return torch.from_numpy(pixels[..., None] if channels == 1 else pixels).permute(2, 0, 1).contiguous()
+
+
 def load_image_folder(root: Path, channels: int) -> tuple[torch.Tensor, np.ndarray, list[str]]:
     """Decode `root/<class>/*` (in `image_folder_files` order) into one uint8 tensor."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
-
     files, classes = image_folder_files(root)
     if not classes:
         raise HarnessError(f"no class folders under {root}; expected {root}/<class>/<image>")
-    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     images, labels = [], []
     for path, label in files:
         try:
-            images.append(decode_image(read_file(str(path)), mode=mode))
-        except RuntimeError as exc:
+            images.append(decode_file(path, channels))
+        except (OSError, ValueError) as exc:  # PIL: not an image (UnidentifiedImageError), truncated file
             raise HarnessError(f"cannot decode image {path}: {exc}") from exc
         labels.append(label)
     shapes = {tuple(im.shape) for im in images}

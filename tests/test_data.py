@@ -129,3 +129,57 @@ def test_read_idx_roundtrip(tmp_path):
     with gzip.open(path, "wb") as f:
         f.write(header + arr.tobytes())
     assert np.array_equal(read_idx(path), arr)
+
+
+# ---------------------------------------------------------------- image folders
+
+def save_images(root, images, mode, suffix=".png"):
+    """root/class<c>/<i>.png for a {class: [HxW(xC) uint8 arrays]} mapping."""
+    from PIL import Image
+    for c, arrays in images.items():
+        (root / f"class{c}").mkdir(parents=True)
+        for i, a in enumerate(arrays):
+            Image.fromarray(a, mode).save(root / f"class{c}" / f"{i}{suffix}")
+
+
+def test_an_image_folder_decodes_bit_exactly_in_class_and_name_order(tmp_path):
+    from harness.datasets import load_image_folder
+    rng = np.random.default_rng(0)
+    rgb = {c: [rng.integers(0, 256, (6, 5, 3), dtype=np.uint8) for _ in range(2 + c)] for c in range(3)}
+    save_images(tmp_path / "rgb", rgb, "RGB")
+    x, y, classes = load_image_folder(tmp_path / "rgb", channels=3)
+    assert classes == ["class0", "class1", "class2"] and y.tolist() == [0, 0, 1, 1, 1, 2, 2, 2, 2]
+    want = np.stack([a for c in range(3) for a in rgb[c]]).transpose(0, 3, 1, 2)
+    assert x.dtype == torch.uint8 and np.array_equal(x.numpy(), want)
+    grey = {c: [rng.integers(0, 256, (6, 5), dtype=np.uint8)] for c in range(2)}
+    save_images(tmp_path / "grey", grey, "L")
+    x, _, _ = load_image_folder(tmp_path / "grey", channels=1)
+    assert x.shape == (2, 1, 6, 5) and np.array_equal(x[:, 0].numpy(), np.stack([grey[0][0], grey[1][0]]))
+
+
+def test_a_colour_jpeg_read_as_greyscale_is_its_stored_luma_not_a_conversion_of_rgb(tmp_path):
+    from PIL import Image
+
+    from harness.datasets import decode_file
+    stripes = np.zeros((16, 16, 3), dtype=np.uint8)
+    stripes[:, ::2] = (255, 0, 0)
+    stripes[:, 1::2] = (0, 0, 255)   # chroma edges at every column: 4:2:0 upsampling smears them
+    Image.fromarray(stripes).save(tmp_path / "s.jpg", quality=75)
+    with Image.open(tmp_path / "s.jpg") as img:
+        img.draft("YCbCr", img.size)
+        luma = np.asarray(img.convert("YCbCr"))[..., 0]
+        assert img.mode == "YCbCr"                     # the decoder's own planes, not RGB converted back
+    with Image.open(tmp_path / "s.jpg") as img:
+        from_rgb = np.asarray(img.convert("RGB").convert("L"))
+    grey = decode_file(tmp_path / "s.jpg", channels=1)
+    assert grey.shape == (1, 16, 16) and np.array_equal(grey[0].numpy(), luma)
+    assert not np.array_equal(luma, from_rgb)          # the choice matters for this image
+
+
+def test_a_truncated_jpeg_is_a_one_line_error_naming_the_file(tmp_path):
+    from harness.datasets import load_image_folder
+    save_images(tmp_path, {0: [np.full((32, 32, 3), 90, dtype=np.uint8)]}, "RGB", suffix=".jpg")
+    path = tmp_path / "class0" / "0.jpg"
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(HarnessError, match=r"cannot decode image .*0\.jpg"):
+        load_image_folder(tmp_path, channels=3)
