@@ -26,6 +26,7 @@ from harness.augment import BatchTransform
 from harness.checkpoints import load_epoch_checkpoint, save_epoch_checkpoint
 from harness.data import LTData
 from harness.distributed import all_reduce_sum, is_main, shard_positions, world
+from harness.models import modules_under
 from harness.samplers import ClassAwareSampler, epoch_samples
 
 # (logits, features, target, 0-based epoch as a 0-dim device tensor) -> loss; the target is the
@@ -217,6 +218,7 @@ class Trainer:
         self.distributed = world()[1] > 1
         self.use_graph = graphs_wanted(spec, self.device) and not (self.streamed or self.distributed)
         self.batch = spec.batch_size  # this process's share of a global batch under torchrun
+        self.held_in_eval = held_in_eval(model, spec)
         self.forward = _Forward(model, spec.frozen_backbone)
         if self.distributed:  # gradients averaged over the processes by DistributedDataParallel
             from torch.nn.parallel import DistributedDataParallel
@@ -433,15 +435,23 @@ class Trainer:
 
     def mode(self) -> None:
         self.model.train()
-        if self.spec.frozen_backbone and self.spec.bn_mode == "eval":
-            self.model.body.eval()
-        if self.spec.train_mode_only is not None:
-            keep = tuple(self.spec.train_mode_only)
-            for name, module in self.model.named_modules():   # one module at a time: eval() would recurse
-                module.training = module.training and f"{name}.".startswith(keep)
+        for module in self.held_in_eval:   # one module at a time: eval() would recurse
+            module.training = False
 
     def on_stream(self):
         return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+
+def held_in_eval(model: nn.Module, spec: TrainSpec) -> list[nn.Module]:
+    """The modules kept in eval mode (BatchNorm statistics frozen) while the rest trains: a
+    frozen backbone's under `bn_mode: eval`, and every module outside `train_mode_only`."""
+    if spec.bn_mode not in ("train", "eval"):
+        raise HarnessError(f"bn_mode must be train or eval, got {spec.bn_mode!r}")
+    held = list(model.body.modules()) if spec.frozen_backbone and spec.bn_mode == "eval" else []
+    if spec.train_mode_only is not None:
+        kept = {id(m) for m in modules_under(model, spec.train_mode_only, "train_mode_only")}
+        held += [m for m in model.modules() if id(m) not in kept]
+    return held
 
 
 class _Forward(nn.Module):

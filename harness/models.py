@@ -172,16 +172,25 @@ def check_backbone(name: str) -> None:
                            f"{', '.join(TIMM_BACKBONES)} (+pretrained), timm:<any timm model>")
 
 
+def under(name: str, prefixes) -> bool:
+    """Whether a dotted module or parameter name lies under one of the name prefixes:
+    "body.layer4.2." holds the block "body.layer4.2" and everything inside it."""
+    return f"{name}.".startswith(tuple(prefixes))
+
+
+def modules_under(model: nn.Module, prefixes: list[str], key: str) -> list[nn.Module]:
+    """The modules under `prefixes`; a recipe `key` naming none is an error, not a no-op."""
+    modules = [m for name, m in model.named_modules() if under(name, prefixes)]
+    if not modules:
+        raise HarnessError(f"{key} {list(prefixes)} names no module of the model")
+    return modules
+
+
 def reinitialise(model: nn.Module, prefixes: list[str] | None) -> None:
     """Give the modules under `prefixes` PyTorch's default initialisation (BatchNorm: weight 1,
     bias 0, statistics reset): a fresh block in place of a pretrained one, as the official
     MiSLAS and FBL Places-LT codes build theirs (a standalone Bottleneck on a trunk without it)."""
-    if not prefixes:
-        return
-    modules = [m for name, m in model.named_modules() if f"{name}.".startswith(tuple(prefixes))]
-    if not modules:
-        raise HarnessError(f"fresh {prefixes} names no module of the model")
-    for module in modules:
+    for module in modules_under(model, prefixes, "fresh") if prefixes else []:
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
 

@@ -25,7 +25,7 @@ from harness.distributed import init_from_env, is_main, world
 from harness.engine import (DeviceData, Trainer, TrainSpec, device_name, fit_many, predict, resolve_device,
                             train)
 from harness.method import Method, RunContext
-from harness.models import build_model, check_backbone, head_weight, reinitialise
+from harness.models import build_model, check_backbone, head_weight, reinitialise, under
 from harness.provenance import git_commit, package_versions
 from harness.registry import DATASETS, METHODS
 from harness.store import Run, Store, now
@@ -98,7 +98,7 @@ def trainable(model: torch.nn.Module, groups: list[dict] | None, prefixes: list[
     name prefixes (the rest frozen: no gradient, no update, no weight decay)."""
     if not prefixes:
         return groups
-    keep = {id(p) for name, p in model.named_parameters() if name.startswith(tuple(prefixes))}
+    keep = {id(p) for name, p in model.named_parameters() if under(name, prefixes)}
     if not keep:
         raise HarnessError(f"train_only {prefixes} matches no parameter of the model")
     for p in model.parameters():

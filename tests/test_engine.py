@@ -243,3 +243,31 @@ def test_train_mode_only_keeps_every_other_module_in_eval_mode():
     assert not torch.equal(before["body.4.running_mean"], after["body.4.running_mean"])
     assert not torch.equal(before["body.3.weight"], after["body.3.weight"])
     assert torch.equal(before["body.0.weight"], after["body.0.weight"])
+
+
+@pytest.mark.parametrize("bn_mode", ["train", "eval"])
+def test_bn_mode_of_a_frozen_backbone_decides_whether_its_statistics_move(bn_mode):
+    """Stage 2 on a frozen backbone: `eval` keeps its BatchNorm statistics (MiSLAS without
+    shift_bn), `train` re-estimates them (the decoupling codes); the head trains either way."""
+    from harness.engine import train
+    data, model = small_setup()
+    dd = DeviceData(data, (0.5,), (0.25,), 1, True, torch.device("cpu"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train(model, dd, spec_for(params=list(model.fc.parameters()), frozen_backbone=True, bn_mode=bn_mode), seed=0)
+    after = model.state_dict()
+    assert torch.equal(before["body.0.weight"], after["body.0.weight"]) and \
+        not torch.equal(before["fc.weight"], after["fc.weight"])
+    for bn in ("body.1", "body.4", "body.7"):
+        assert torch.equal(before[f"{bn}.running_mean"], after[f"{bn}.running_mean"]) == (bn_mode == "eval"), bn
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"train_mode_only": ["body.40."]}, r"train_mode_only \['body.40.'\] names no module of the model"),
+    ({"frozen_backbone": True, "bn_mode": "evaluate"}, "bn_mode must be train or eval, got 'evaluate'"),
+])
+def test_a_mode_setting_that_would_do_nothing_is_refused_before_training(kw, message):
+    from harness.engine import Trainer
+    data, model = small_setup()
+    dd = DeviceData(data, (0.5,), (0.25,), 1, True, torch.device("cpu"))
+    with pytest.raises(HarnessError, match=message):
+        Trainer(model, dd, spec_for(**kw), seed=0)
