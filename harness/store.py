@@ -6,12 +6,14 @@ row and never half a result. Numbers are stored as numbers.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 from datetime import datetime, timezone
 
 from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event,
-                        select)
+                        select, text)
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload
 
@@ -150,6 +152,31 @@ class Store:
     def session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
 
+    @contextlib.contextmanager
+    def exclusive(self, name: str):
+        """Hold the lock `name` against every process on this store (every machine, on
+        PostgreSQL) without blocking anybody's writes, this store's or Optuna's: a PostgreSQL
+        advisory lock, or a lock file beside a SQLite database (`results.db-lock`, one for every
+        name: coarser, never wrong)."""
+        if self.engine.dialect.name == "postgresql":
+            key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+                try:
+                    yield
+                finally:
+                    conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+            return
+        path = self.engine.url.database
+        if not path or path == ":memory:":   # no other process can see this store
+            yield
+            return
+        from filelock import FileLock
+
+        # a lock on a file of its own: a lock inside the database would block its writers
+        with FileLock(f"{path}-lock"):
+            yield
+
     def start_run(self, run: Run) -> None:
         with self.session() as s, s.begin():
             s.add(run)
@@ -192,6 +219,19 @@ class Store:
                              "completed this configuration")
                 run.finished_at = now()
             return len(rows)
+
+    def fail_dead_trials(self, study: str, trial_numbers: set[int]) -> list[str]:
+        """Mark as failed the `running` rows of these trials of `study`, which Optuna found dead
+        (their heartbeat stopped): the `harness tune` process training them was killed."""
+        with self.session() as s, s.begin():
+            rows = [run for run in s.scalars(select(Run).where(Run.study == study, Run.status == "running"))
+                    if run.extra.get("trial", {}).get("number") in trial_numbers]
+            for run in rows:
+                run.status = "failed"
+                run.error = (f"interrupted: trial {run.extra['trial']['number']}'s heartbeat stopped "
+                             "(its `harness tune` process ended without a word)")
+                run.finished_at = now()
+            return [run.id for run in rows]
 
     def get_run(self, run_id: str) -> Run:
         with self.session() as s:

@@ -24,6 +24,8 @@ from harness import HarnessError
 from harness.config import recipe_keys
 from harness.runner import RunRequest, execute, prepare
 
+# Optuna's liveness check: a trial whose process has not beaten for GRACE_SECONDS is dead
+HEARTBEAT_SECONDS, GRACE_SECONDS = 30, 120
 SPACE = re.compile(r"^\s*(loguniform|uniform|int|categorical)\((.*)\)\s*$")
 
 
@@ -155,8 +157,8 @@ def open_study(url: str, name: str, seed: int):
     engine_kwargs = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {}
     for attempt in range(5):  # processes starting together race to create Optuna's tables: the loser retries
         try:
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=30,
-                                                 grace_period=120)
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
+                                                 heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
             return optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
                                        sampler=optuna.samplers.TPESampler(seed=seed))
         except (SQLAlchemyError, RuntimeError, ValueError) as exc:
@@ -214,6 +216,22 @@ def reclaim_orphans(study, space: list[Dimension], name: str, store, report=prin
     return added
 
 
+def settle(url: str, name: str, space: list[Dimension], seed: int, store, report=print) -> None:
+    """Settle what killed `harness tune` processes left of the study before this one searches,
+    under the study's lock, so that processes starting together settle each thing once: trials
+    whose heartbeat stopped fail, and so do their `running` rows; runs that completed
+    unrecorded are added back (`reclaim_orphans`)."""
+    import optuna
+
+    with store.exclusive(f"harness tune {name}"):
+        study = open_study(url, name, seed)
+        optuna.storages.fail_stale_trials(study)
+        failed = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))}
+        for run_id in store.fail_dead_trials(name, failed):
+            report(f"run {run_id}: its trial's process died mid-training; marked failed")
+        reclaim_orphans(study, space, name, store, report)
+
+
 def run_search(req: TuneRequest, space: list[Dimension], name: str, url: str, report=print):
     """Trials until the study holds `req.trials` complete ones (those of earlier or parallel
     processes count); returns the study."""
@@ -246,7 +264,7 @@ def tune(req: TuneRequest, report=print) -> dict:
     name = study_name(req, space)
     url = db_url(req.run.db)
     with Store(url) as store:   # an unusable store is refused here, before a study is made
-        reclaim_orphans(open_study(url, name, req.run.seeds[0]), space, name, store, report)   # before any worker
+        settle(url, name, space, req.run.seeds[0], store, report)   # before any worker
     if req.jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
         from multiprocessing import get_context

@@ -127,3 +127,31 @@ def test_a_reader_never_creates_a_store(store_url):
     Store(store_url).close()
     with Store(store_url, create=False) as store:
         assert store.list_runs() == []
+
+
+def test_exclusive_holds_off_a_second_holder_and_no_writer(store_url):
+    """Processes settling a tuning study take turns (tune.settle); writers, the store's own and
+    Optuna's, go on meanwhile, or a holder waiting on its own write would deadlock."""
+    import threading
+
+    holder, other = Store(store_url), Store(store_url)
+    events, entered = [], threading.Event()
+
+    def hold():
+        with holder.exclusive("harness tune s"):
+            entered.set()
+            time.sleep(0.8)
+            new_run(holder, "by-holder")
+            events.append("released")
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    entered.wait(10)
+    new_run(other, "by-other")   # not in the lock: not held off
+    events.append("wrote")
+    with other.exclusive("harness tune s"):
+        events.append("acquired")
+    thread.join()
+    assert events == ["wrote", "released", "acquired"]
+    assert {r.id for r in other.list_runs()} == {"by-holder", "by-other"}
+    holder.close(), other.close()

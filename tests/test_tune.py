@@ -183,9 +183,9 @@ def test_a_search_without_a_validation_split_is_refused_before_a_trial_trains(sy
         tune(req, report=lambda line: None)
 
 
-def test_a_trial_whose_process_died_after_its_run_counts_when_the_study_goes_on(synth, monkeypatch):
-    """Killed between the run's row and Optuna's record: the run's training is not lost; the
-    study, resumed, adds it as a complete trial with its validation top-1 and trains no other."""
+def orphaned_study(synth, monkeypatch):
+    """A study of 2 trials whose process died between trial 1's run row and Optuna's record of
+    it: (the study's name, trial 1's completed run)."""
     real_objective = tune_mod.objective
 
     def dying_after_trial_1(req, space, name):
@@ -204,13 +204,90 @@ def test_a_trial_whose_process_died_after_its_run_counts_when_the_study_goes_on(
     monkeypatch.setattr(tune_mod, "objective", real_objective)
     name = tune_mod.study_name(request(synth), tune_mod.search_space(request(synth)))
     [orphan] = [r for r in trial_runs(synth, name) if r.extra["trial"]["number"] == 1]
+    return name, orphan
+
+
+def added_back(url, name):
+    return [t for t in tune_mod.complete_trials(open_study(url, name, 0)) if t.user_attrs.get("run_id")]
+
+
+def test_a_trial_whose_process_died_after_its_run_counts_when_the_study_goes_on(synth, monkeypatch):
+    """Killed between the run's row and Optuna's record: the run's training is not lost; the
+    study, resumed, adds it as a complete trial with its validation top-1 and trains no other."""
+    name, orphan = orphaned_study(synth, monkeypatch)
     lines = []
     result = tune(request(synth, trials=2, final=False), report=lines.append)
     assert f"study {name}: 2 of 2 trials done" in lines
     assert len(trial_runs(synth, name)) == 2 and result["n_trials"] == 2   # nothing trained again
-    [added] = [t for t in tune_mod.complete_trials(open_study(synth, name, 0)) if t.user_attrs.get("run_id")]
+    [added] = added_back(synth, name)
     assert added.user_attrs["run_id"] == orphan.id and added.params == orphan.extra["trial"]["params"]
     assert added.value == pytest.approx(val_top1(synth, orphan.id))
     again = []
     tune(request(synth, trials=2, final=False), report=again.append)   # added once, not on every start
     assert f"study {name}: 2 of 2 trials done" in again
+
+
+def test_processes_going_on_with_one_study_together_add_its_orphan_back_once(synth, monkeypatch):
+    """Two `harness tune` processes starting at once on a study with an orphan: each reads
+    the study, then adds what is missing; the study's lock makes the second read after the
+    first added (without it, the orphan was added twice, a trial counted double)."""
+    import threading
+
+    import optuna
+
+    name, orphan = orphaned_study(synth, monkeypatch)
+    real_create_trial = optuna.trial.create_trial
+
+    def slow_create_trial(**kw):   # between reading the study and adding to it: where the race was
+        time.sleep(1.0)
+        return real_create_trial(**kw)
+
+    monkeypatch.setattr(optuna.trial, "create_trial", slow_create_trial)
+    space, errors = tune_mod.search_space(request(synth)), []
+
+    def go_on():
+        try:
+            with Store(synth) as store:
+                tune_mod.settle(synth, name, space, 0, store, report=lambda line: None)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go_on) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and [t.user_attrs["run_id"] for t in added_back(synth, name)] == [orphan.id]
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")  # study.ask
+def test_a_trial_killed_mid_training_has_its_run_failed_once_its_heartbeat_is_stale(synth, monkeypatch):
+    """kill -9 mid-trial: Optuna fails the trial once its heartbeat is older than the grace
+    period; its run row, left `running` by the dead process, is failed with it. A trial
+    still beating is somebody's live work, and its row is left alone."""
+    from harness.store import now
+
+    monkeypatch.setattr(tune_mod, "GRACE_SECONDS", 1)
+    space = tune_mod.search_space(request(synth))
+    name = tune_mod.study_name(request(synth), space)
+    study = open_study(synth, name, 0)
+    store = Store(synth)
+    trials = {}
+    for label in ("killed", "live"):
+        trial = study.ask()
+        study._storage.record_heartbeat(trial._trial_id)
+        trials[label] = trial
+        store.start_run(Run(id=label, method="wb", dataset="synth-lt", rho=100, backbone="b", seed=0,
+                            generator="ldam", preset="quick", config={}, config_hash=label, status="running",
+                            started_at=now(), device="cpu", git_commit="x", versions={}, data_checksum="c",
+                            extra={"trial": {"number": trial.number, "params": {}}}, study=name))
+    time.sleep(2.2)   # SQLite's clock counts whole seconds: 2 of them are surely past a grace of 1
+    study._storage.record_heartbeat(trials["live"]._trial_id)
+    lines = []
+    tune_mod.settle(synth, name, space, 0, store, report=lines.append)
+    killed, live = store.get_run("killed"), store.get_run("live")
+    assert killed.status == "failed" and "heartbeat stopped" in killed.error and live.status == "running"
+    assert lines == ["run killed: its trial's process died mid-training; marked failed"]
+    states = {t.number: t.state.name for t in open_study(synth, name, 0).trials}
+    assert states == {trials["killed"].number: "FAIL", trials["live"].number: "RUNNING"}
+    store.close()
