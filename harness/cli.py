@@ -162,18 +162,22 @@ def sweep(benchmarks, methods, datasets, rhos, seeds, preset, epochs, jobs, exec
 @click.option("--param", "params", multiple=True,
               help="KEY=SPACE over the method's declared space: stage1.weight_decay=loguniform(1e-4,5e-2); "
                    "uniform(lo,hi), int(lo,hi), categorical(a,b,...).")
-@click.option("--trials", type=int, default=20, show_default=True, help="Complete trials the study should hold.")
+@click.option("--trials", type=int, default=20, show_default=True,
+              help="Finished trials (complete or pruned) the study should hold.")
 @click.option("--preset", default="paper", show_default=True, help="Budget of the trials and of the tuned runs.")
 @click.option("--seed", "--seeds", "seeds", type=int, multiple=True,
               help="Seeds of the tuned runs [0]; the first also seeds the trials and the sampler.")
 @click.option("--jobs", type=int, default=1, show_default=True, help="Trial processes working on the study here.")
 @click.option("--study", help="Study name [method-dataset-rho-preset-seed-space].")
 @click.option("--no-final", is_flag=True, help="Search only (another process trains the chosen values).")
+@click.option("--prune", is_flag=True,
+              help="Stop a trial whose val top-1 after an epoch is below the median of the earlier trials there "
+                   "(from the 6th trial, after half its epochs).")
 @click.option("--epochs", type=int, help="Override stage-1 epochs (trials and tuned runs).")
 @training_options
 @override_options
 @click.option("--benchmarks", envvar="HARNESS_BENCHMARKS", help="benchmarks.yaml to use.")
-def tune(method, dataset, rho, params, trials, preset, seeds, jobs, study, no_final, epochs, device, data_root,
+def tune(method, dataset, rho, params, trials, preset, seeds, jobs, study, no_final, prune, epochs, device, data_root,
          download, db, cache_dir, no_progress, generator, backbone, val_per_class, benchmarks) -> None:
     """Tune METHOD's hyper-parameters on the validation split (Optuna TPE); train the chosen
     values with the seeds as preset `tuned`. The study lives in the results store's database."""
@@ -185,7 +189,7 @@ def tune(method, dataset, rho, params, trials, preset, seeds, jobs, study, no_fi
                      cache_dir=cache_dir, generator=generator, backbone=backbone, val_per_class=val_per_class,
                      benchmarks=benchmarks, progress=not no_progress)
     result = run_tune(TuneRequest(run=run, params=list(params), trials=trials, study=study, jobs=jobs,
-                                  final=not no_final), report=click.echo)
+                                  final=not no_final, prune=prune), report=click.echo)
     for run_id, metrics in zip(result.get("runs", []), result.get("results", [])):
         click.echo(f"{run_id}: test top-1 {fmt(metrics['all'])}, many {fmt(metrics['many'])}, "
                    f"medium {fmt(metrics['medium'])}, few {fmt(metrics['few'])}")

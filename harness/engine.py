@@ -469,14 +469,15 @@ class _Forward(nn.Module):
 
 
 def fit_many(trainers: list[Trainer], progress=None, checkpoints: list | None = None, label: str = "training",
-             announce=None) -> list[TrainLog]:
+             announce=None, epoch_end=None) -> list[TrainLog]:
     """Train several models together, interleaved step by step; on CUDA each trainer
     issues its work on its own stream, so independent runs overlap on one GPU.
     Every trainer's math is exactly what it would be alone.
 
     `checkpoints`, one path (or None) per trainer: each trainer first resumes from
     the last good epoch checkpoint there (saying so through `announce(line)`), and
-    writes one after every epoch."""
+    writes one after every epoch. `epoch_end(i, epoch)` is called after trainer i's
+    epoch and its checkpoint (it may evaluate the model, or raise to stop the training)."""
     if not trainers:
         return []
     epochs = trainers[0].spec.epochs
@@ -512,6 +513,9 @@ def fit_many(trainers: list[Trainer], progress=None, checkpoints: list | None = 
                 losses.append(t.end_epoch())
                 if path is not None and is_main():
                     save_epoch_checkpoint(path, t.state_dict())
+                if epoch_end is not None:
+                    epoch_end(trainers.index(t), epoch)
+                    t.mode()   # an evaluation leaves the model in eval mode
         if progress is not None:
             progress(epoch, epochs, float(np.mean(losses)))
     for t in trainers:
@@ -521,9 +525,10 @@ def fit_many(trainers: list[Trainer], progress=None, checkpoints: list | None = 
 
 
 def train(model, data: DeviceData, spec: TrainSpec, seed: int, progress=None, checkpoint=None, label: str = "training",
-          announce=None) -> TrainLog:
+          announce=None, epoch_end=None) -> TrainLog:
     """Train `model` in place by `spec`. `progress(epoch, epochs, loss)` is called once per epoch."""
-    return fit_many([Trainer(model, data, spec, seed)], progress, [checkpoint], label, announce)[0]
+    return fit_many([Trainer(model, data, spec, seed)], progress, [checkpoint], label, announce,
+                    None if epoch_end is None else lambda _, epoch: epoch_end(epoch))[0]
 
 
 @torch.no_grad()

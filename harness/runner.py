@@ -11,6 +11,7 @@ import traceback
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -53,6 +54,9 @@ class RunRequest:
     overrides: dict = field(default_factory=dict)   # dotted recipe key -> value (a tuning trial's)
     preset_label: str | None = None                 # the preset name stored (`tuned`), its budget `preset`'s
     extra: dict = field(default_factory=dict)       # provenance stored with the runs (a trial's, a tuning's)
+    # after every training epoch: (run id, epoch counted over both stages, val top-1); it may
+    # raise to stop the run (a tuning trial pruned). None: no evaluation between epochs
+    on_epoch: Callable[[str, int, float], None] | None = None
 
 
 @dataclass
@@ -223,7 +227,8 @@ def stage1(jobs: list[Job], ddata: DeviceData, cache: Path, req: RunRequest) -> 
         partials = [epoch_checkpoint_path(cache, job.key) for job in group]
         t0 = time.perf_counter()
         try:
-            logs = fit_many([job.trainer for job in group], update, partials, "stage 1", announce)
+            logs = fit_many([job.trainer for job in group], update, partials, "stage 1", announce,
+                            epoch_watch(req, group, ddata, 0))
         finally:
             close()
         seconds = (time.perf_counter() - t0) / len(group)
@@ -236,6 +241,26 @@ def stage1(jobs: list[Job], ddata: DeviceData, cache: Path, req: RunRequest) -> 
             if log.resumed_from is not None:
                 job.ctx.extra["stage1_resumed_from_epoch"] = log.resumed_from
             record_stage1(job, log.epoch_loss, seconds, log.graph)
+
+
+def class_accuracy(model: torch.nn.Module, ddata: DeviceData, split: str) -> torch.Tensor:
+    """Per-class top-1 (percent) on `split`; NaN for a class without images there."""
+    y = ddata.labels(split)
+    return per_class_accuracy(predict(model, ddata, split), y, ddata.num_classes) * 100.0
+
+
+def epoch_watch(req: RunRequest, jobs: list["Job"], ddata: DeviceData, offset: int):
+    """`fit_many`'s epoch_end for these jobs: their val top-1 after each epoch to `req.on_epoch`,
+    epochs counted over both stages (stage 2 goes on from `offset`, stage 1's epochs)."""
+    if req.on_epoch is None or ddata.labels("val").numel() == 0:
+        return None
+
+    def epoch_end(i: int, epoch: int) -> None:
+        job = jobs[i]
+        top1 = group_accuracies(class_accuracy(job.model, ddata, "val"), job.ctx.train_counts)["all"]
+        if top1 is not None:
+            req.on_epoch(job.run_id, offset + epoch, top1)
+    return epoch_end
 
 
 def announce(line: str) -> None:
@@ -275,8 +300,9 @@ def finish(job: Job, data: LTData, ddata: DeviceData, store: Store | None, cache
         update, close = progress_printer(f"{cfg.method} stage 2 seed {cfg.seed}", req.progress and is_main())
         partial = epoch_checkpoint_path(cache, job.stage2_key)
         try:
+            watch = epoch_watch(req, [job], ddata, cfg.recipe["stage1"]["epochs"])
             log2 = train(model, ddata, spec2, cfg.seed + 1, update, checkpoint=partial, label="stage 2",
-                         announce=announce)
+                         announce=announce, epoch_end=None if watch is None else lambda epoch: watch(0, epoch))
         finally:
             close()
         if is_main():
@@ -289,10 +315,9 @@ def finish(job: Job, data: LTData, ddata: DeviceData, store: Store | None, cache
     method.finalize(model, ctx)
     metrics, test_acc = [], None
     for split in ("test", "val"):
-        y = ddata.labels(split)
-        if y.numel() == 0:
+        if ddata.labels(split).numel() == 0:
             continue
-        acc = per_class_accuracy(predict(model, ddata, split), y, data.num_classes) * 100.0
+        acc = class_accuracy(model, ddata, split)
         test_acc = acc if split == "test" else test_acc
         for group, top1 in group_accuracies(acc, data.train_counts).items():
             n = sum(1 for c in data.train_counts if group == "all" or shot_group(c) == group)

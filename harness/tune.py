@@ -101,6 +101,7 @@ class TuneRequest:
     study: str | None = None
     jobs: int = 1
     final: bool = True                 # train the chosen values with the requested seeds afterwards
+    prune: bool = False                # stop trials whose val top-1 trails the others' (`pruner`)
 
 
 def search_space(req: TuneRequest) -> list[Dimension]:
@@ -143,8 +144,26 @@ def tuned_preset(preset: str) -> str:
     return "tuned" if preset == "paper" else f"{preset}-tuned"
 
 
-def open_study(url: str, name: str, seed: int):
-    """The study in Optuna's RDB storage in the store's database (created or loaded)."""
+def pruner(prune: bool, epochs: int):
+    """Optuna's median rule: a trial whose val top-1 after an epoch is below the median of the
+    earlier trials' at that epoch stops there, once 5 trials have finished and from half its
+    epochs on (before a step-decay schedule's drops, accuracy says little of the end)."""
+    import optuna
+
+    if not prune:
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=epochs // 2)
+
+
+def trial_epochs(run: RunRequest) -> int:
+    """A trial's epochs over both stages: the steps its val top-1 is reported at."""
+    _, _, cfg = prepare(run, run.seeds[0])
+    return sum(cfg.recipe[stage]["epochs"] for stage in ("stage1", "stage2") if stage in cfg.recipe)
+
+
+def open_study(url: str, name: str, seed: int, prune_rule=None):
+    """The study in Optuna's RDB storage in the store's database (created or loaded); trials
+    are pruned by `prune_rule` (a pruner is not stored with the study: each process brings it)."""
     try:
         import optuna
     except ImportError:
@@ -160,7 +179,7 @@ def open_study(url: str, name: str, seed: int):
             storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
                                                  heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
             return optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
-                                       sampler=optuna.samplers.TPESampler(seed=seed))
+                                       sampler=optuna.samplers.TPESampler(seed=seed), pruner=prune_rule)
         except (SQLAlchemyError, RuntimeError, ValueError) as exc:
             if attempt < 4 and isinstance(exc, SQLAlchemyError):
                 time.sleep(0.5 + random.random())
@@ -170,11 +189,21 @@ def open_study(url: str, name: str, seed: int):
 
 
 def objective(req: TuneRequest, space: list[Dimension], name: str):
-    """A trial: one run at the proposed values, scored on validation top-1 only."""
+    """A trial: one run at the proposed values, scored on validation top-1 only; with pruning,
+    its val top-1 after every epoch goes to the pruner, which may stop it there."""
+    import optuna
+
     def run_trial(trial) -> float:
         params = {d.key: d.suggest(trial) for d in space}
+
+        def on_epoch(run_id: str, epoch: int, val_top1: float) -> None:
+            trial.report(val_top1, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"val top-1 {val_top1:.2f} after epoch {epoch + 1} is below the median "
+                                         "of the earlier trials there")
         run = replace(req.run, seeds=req.run.seeds[:1], overrides=params, study=name, progress=False,
-                      extra={"trial": {"number": trial.number, "params": params}})
+                      extra={"trial": {"number": trial.number, "params": params}},
+                      on_epoch=on_epoch if req.prune else None)
         [result] = execute(run)
         value = result.metrics.get("val", {}).get("all")   # no "val": the data has no validation images
         if value is None or not math.isfinite(value):
@@ -187,6 +216,21 @@ def complete_trials(study) -> list:
     import optuna
 
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+
+
+def finished_trials(study) -> list:
+    """What `--trials` counts: complete trials, and trials the pruner stopped."""
+    import optuna
+
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+
+
+def trial_line(trial) -> str:
+    if trial.state.name == "COMPLETE":   # a pruned trial has a value too: its last reported one
+        return f"trial {trial.number}: val top-1 {trial.value:.2f} at {trial.params}"
+    last = trial.last_step
+    reached = "" if last is None else f" after epoch {last + 1} (val top-1 {trial.intermediate_values[last]:.2f})"
+    return f"trial {trial.number}: {trial.state.name.lower()}{reached} at {trial.params}"
 
 
 def reclaim_orphans(study, space: list[Dimension], name: str, store, report=print) -> int:
@@ -233,17 +277,18 @@ def settle(url: str, name: str, space: list[Dimension], seed: int, store, report
 
 
 def run_search(req: TuneRequest, space: list[Dimension], name: str, url: str, report=print):
-    """Trials until the study holds `req.trials` complete ones (those of earlier or parallel
-    processes count); returns the study."""
+    """Trials until the study holds `req.trials` finished ones (complete or pruned; those of
+    earlier or parallel processes count); returns the study."""
     import optuna
 
-    study = open_study(url, name, req.run.seeds[0])
-    done = len(complete_trials(study))
+    study = open_study(url, name, req.run.seeds[0], pruner(req.prune, trial_epochs(req.run)))
+    done = len(finished_trials(study))
     report(f"study {name}: {done} of {req.trials} trials done")
     if done >= req.trials:
         return study
-    stop = optuna.study.MaxTrialsCallback(req.trials, states=(optuna.trial.TrialState.COMPLETE,))
-    show = lambda study, trial: report(f"trial {trial.number}: val top-1 {trial.value:.2f} at {trial.params}")  # noqa
+    stop = optuna.study.MaxTrialsCallback(req.trials, states=(optuna.trial.TrialState.COMPLETE,
+                                                              optuna.trial.TrialState.PRUNED))
+    show = lambda study, trial: report(trial_line(trial))  # noqa: E731
     study.optimize(objective(req, space, name), callbacks=[stop, show], catch=())
     return study
 
@@ -275,6 +320,7 @@ def tune(req: TuneRequest, report=print) -> dict:
     study = run_search(req, space, name, url, report)
     best = study.best_trial
     tuning = {"study": name, "objective": "val top-1", "n_trials": len(complete_trials(study)),
+              **({"n_pruned": len(finished_trials(study)) - len(complete_trials(study))} if req.prune else {}),
               "space": {d.key: d.text for d in space}, "chosen": best.params, "best_trial": best.number,
               "best_val_top1": best.value}
     report(f"chosen (trial {best.number}, val top-1 {best.value:.2f}): {best.params}")

@@ -205,3 +205,32 @@ def test_a_fresh_block_on_a_frozen_trunk_trains_alone(synth, tmp_path, monkeypat
         assert torch.equal(fresh[key], initial[key]) and torch.equal(pretrained[key], initial[key]), key
     assert not torch.equal(fresh["body.4.running_mean"], initial["body.4.running_mean"])   # the block trains
     assert not torch.equal(fresh["body.3.weight"], pretrained["body.3.weight"])   # from another start
+
+
+def test_on_epoch_sees_val_top1_after_every_epoch_of_both_stages_and_changes_nothing(synth, tmp_path):
+    """What pruning reads (`harness tune --prune`): after each epoch, counted over both stages,
+    the model's val top-1; the last is the run's own. Evaluating between epochs leaves the
+    training as it was (modes restored, no random draw)."""
+    seen = []
+    [crt] = run("crt", synth, cache_dir=str(tmp_path / "c1"),
+                on_epoch=lambda run_id, epoch, top1: seen.append((run_id, epoch, top1)))
+    assert [(r, e) for r, e, _ in seen] == [(crt.run_id, 0), (crt.run_id, 1), (crt.run_id, 2)]
+    assert seen[-1][2] == pytest.approx(crt.metrics["val"]["all"])
+    [unwatched] = run("crt", synth, cache_dir=str(tmp_path / "c2"))
+    assert unwatched.metrics == crt.metrics
+
+
+def test_on_epoch_raising_stops_the_run_there_and_its_row_says_why(synth, tmp_path):
+    class Enough(Exception):
+        pass
+
+    epochs = []
+
+    def stop_after_first(run_id, epoch, top1):
+        epochs.append(epoch)
+        raise Enough(f"val top-1 {top1:.2f} after epoch {epoch + 1}")
+
+    with pytest.raises(Enough):
+        run("ce", synth, on_epoch=stop_after_first)
+    [row] = Store(synth).list_runs()
+    assert epochs == [0] and row.status == "failed" and row.error.startswith("Enough: val top-1 ")

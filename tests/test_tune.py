@@ -291,3 +291,39 @@ def test_a_trial_killed_mid_training_has_its_run_failed_once_its_heartbeat_is_st
     states = {t.number: t.state.name for t in open_study(synth, name, 0).trials}
     assert states == {trials["killed"].number: "FAIL", trials["live"].number: "RUNNING"}
     store.close()
+
+
+def test_a_pruned_trial_stops_at_the_epoch_the_pruner_says_and_counts_as_finished(synth, monkeypatch):
+    """--prune: every epoch's val top-1 goes to the pruner (steps counted over both stages); a
+    trial it stops ends there, its run failed with the reason, and `--trials` counts it."""
+    import optuna
+
+    class PruneTrial1(optuna.pruners.BasePruner):
+        def prune(self, study, trial):
+            return trial.number == 1
+
+    made = []
+    monkeypatch.setattr(tune_mod, "pruner", lambda prune, epochs: made.append((prune, epochs)) or PruneTrial1())
+    lines = []
+    result = tune(request(synth, trials=3, final=False, prune=True), report=lines.append)
+    study = open_study(synth, result["study"], 0)
+    trials = {t.number: t for t in study.trials}
+    assert made == [(True, 3)]   # WB at preset quick: 2 stage-1 epochs + 1 stage-2 epoch
+    assert {n: t.state.name for n, t in trials.items()} == {0: "COMPLETE", 1: "PRUNED", 2: "COMPLETE"}
+    assert list(trials[0].intermediate_values) == [0, 1, 2] and list(trials[1].intermediate_values) == [0]
+    assert trials[0].intermediate_values[2] == pytest.approx(trials[0].value)   # the last epoch is the score
+    assert result["n_trials"] == 2 and result["n_pruned"] == 1 and result["best_trial"] in (0, 2)
+    with Store(synth).session() as s:
+        pruned_row = s.scalars(select(Run).where(Run.study == result["study"], Run.status == "failed")).one()
+    assert pruned_row.extra["trial"]["number"] == 1
+    assert pruned_row.error.startswith("TrialPruned: val top-1 ") and "after epoch 1 is below the median" in pruned_row.error
+    assert f"trial 1: pruned after epoch 1 (val top-1 {trials[1].intermediate_values[0]:.2f}) " \
+           f"at {trials[1].params}" in lines
+
+
+def test_without_prune_no_trial_is_evaluated_between_epochs(synth, monkeypatch):
+    requests, real_execute = [], tune_mod.execute
+    monkeypatch.setattr(tune_mod, "execute", lambda req: requests.append(req) or real_execute(req))
+    result = tune(request(synth, trials=1, final=False), report=lambda line: None)
+    assert [r.on_epoch for r in requests] == [None] and "n_pruned" not in result
+    assert not open_study(synth, result["study"], 0).trials[0].intermediate_values
