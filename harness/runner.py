@@ -55,8 +55,13 @@ class RunRequest:
     preset_label: str | None = None                 # the preset name stored (`tuned`), its budget `preset`'s
     extra: dict = field(default_factory=dict)       # provenance stored with the runs (a trial's, a tuning's)
     # after every training epoch: (run id, epoch counted over both stages, val top-1); it may
-    # raise to stop the run (a tuning trial pruned). None: no evaluation between epochs
+    # raise RunStopped to end the run (a tuning trial pruned). None: no evaluation between epochs
     on_epoch: Callable[[str, int, float], None] | None = None
+
+
+class RunStopped(Exception):
+    """Raised by `RunRequest.on_epoch` to end a run on purpose (a pruned tuning trial): its row
+    is failed with the reason, and its epoch checkpoints go, as nothing will resume it."""
 
 
 @dataclass
@@ -147,6 +152,9 @@ def execute(req: RunRequest) -> list[RunResult]:
         error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
         for job in jobs[len(results):] if store else []:
             store.fail_run(job.run_id, error, time.perf_counter() - start, getattr(exc, "epoch", None))
+            if isinstance(exc, RunStopped):
+                drop_epoch_checkpoint(epoch_checkpoint_path(cache, job.key))
+                drop_epoch_checkpoint(epoch_checkpoint_path(cache, job.stage2_key))
         raise
     finally:
         if store:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 
 from harness import HarnessError
 from harness.config import recipe_keys
-from harness.runner import RunRequest, execute, prepare
+from harness.runner import RunRequest, RunStopped, execute, prepare
 
 # Optuna's liveness check: a trial whose process has not beaten for GRACE_SECONDS is dead
 HEARTBEAT_SECONDS, GRACE_SECONDS = 30, 120
@@ -193,14 +193,17 @@ def objective(req: TuneRequest, space: list[Dimension], name: str):
     its val top-1 after every epoch goes to the pruner, which may stop it there."""
     import optuna
 
+    class TrialPruned(optuna.TrialPruned, RunStopped):
+        """Optuna's pruned trial, a run stopped on purpose for the runner."""
+
     def run_trial(trial) -> float:
         params = {d.key: d.suggest(trial) for d in space}
 
         def on_epoch(run_id: str, epoch: int, val_top1: float) -> None:
             trial.report(val_top1, epoch)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"val top-1 {val_top1:.2f} after epoch {epoch + 1} is below the median "
-                                         "of the earlier trials there")
+                raise TrialPruned(f"val top-1 {val_top1:.2f} after epoch {epoch + 1} is below the median "
+                                  "of the earlier trials there")
         run = replace(req.run, seeds=req.run.seeds[:1], overrides=params, study=name, progress=False,
                       extra={"trial": {"number": trial.number, "params": params}},
                       on_epoch=on_epoch if req.prune else None)

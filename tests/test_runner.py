@@ -220,17 +220,23 @@ def test_on_epoch_sees_val_top1_after_every_epoch_of_both_stages_and_changes_not
     assert unwatched.metrics == crt.metrics
 
 
-def test_on_epoch_raising_stops_the_run_there_and_its_row_says_why(synth, tmp_path):
-    class Enough(Exception):
-        pass
+class Crashed(Exception):
+    pass
 
+
+@pytest.mark.parametrize("stop,partials_kept", [(runner_mod.RunStopped, 0), (Crashed, 2)])
+def test_on_epoch_raising_stops_the_run_there_and_its_row_says_why(synth, tmp_path, stop, partials_kept):
+    """RunStopped (a pruned trial) ends the run on purpose: no epoch checkpoint stays behind to
+    resume it. Any other error is a crash, whose checkpoint (and the one before) a rerun resumes from."""
     epochs = []
 
     def stop_after_first(run_id, epoch, top1):
         epochs.append(epoch)
-        raise Enough(f"val top-1 {top1:.2f} after epoch {epoch + 1}")
+        if epoch == 1:
+            raise stop(f"val top-1 {top1:.2f} after epoch {epoch + 1}")
 
-    with pytest.raises(Enough):
+    with pytest.raises(stop):
         run("ce", synth, on_epoch=stop_after_first)
     [row] = Store(synth).list_runs()
-    assert epochs == [0] and row.status == "failed" and row.error.startswith("Enough: val top-1 ")
+    assert epochs == [0, 1] and row.status == "failed" and row.error.startswith(f"{stop.__name__}: val top-1 ")
+    assert len(list((tmp_path / "cache" / "partial").glob("*.pt"))) == partials_kept

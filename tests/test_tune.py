@@ -293,7 +293,7 @@ def test_a_trial_killed_mid_training_has_its_run_failed_once_its_heartbeat_is_st
     store.close()
 
 
-def test_a_pruned_trial_stops_at_the_epoch_the_pruner_says_and_counts_as_finished(synth, monkeypatch):
+def test_a_pruned_trial_stops_at_the_epoch_the_pruner_says_and_counts_as_finished(synth, monkeypatch, tmp_path):
     """--prune: every epoch's val top-1 goes to the pruner (steps counted over both stages); a
     trial it stops ends there, its run failed with the reason, and `--trials` counts it."""
     import optuna
@@ -319,6 +319,7 @@ def test_a_pruned_trial_stops_at_the_epoch_the_pruner_says_and_counts_as_finishe
     assert pruned_row.error.startswith("TrialPruned: val top-1 ") and "after epoch 1 is below the median" in pruned_row.error
     assert f"trial 1: pruned after epoch 1 (val top-1 {trials[1].intermediate_values[0]:.2f}) " \
            f"at {trials[1].params}" in lines
+    assert not list((tmp_path / "cache" / "partial").glob("*.pt"))   # nothing left to resume the pruned trial
 
 
 def test_without_prune_no_trial_is_evaluated_between_epochs(synth, monkeypatch):
