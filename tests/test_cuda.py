@@ -17,7 +17,7 @@ import torch
 
 from harness.augment import AutoAugment, Cutout, Mixup, mixed_loss
 from harness.data import LTData
-from harness.engine import DeviceData, Trainer, TrainSpec, cross_entropy, fit_many, train
+from harness.engine import DeviceData, Trainer, TrainSpec, cross_entropy, fit_many, predict, train
 from harness.models import resnet32
 from methods.wb import MaxNorm
 
@@ -164,6 +164,27 @@ def test_concurrent_seeds_equal_sequential_ones():
         assert a_log.graph == "cuda-graph"
         assert_equal_trainings(a, a_log, b, b_log, start)
     assert update_distance(together[0], together[1], start) > CONTROL_SEPARATION
+
+
+def test_evaluating_between_epochs_leaves_the_captured_trainings_as_they_were():
+    """`harness tune --prune` evaluates every trial after each epoch, eagerly, between graph
+    replays, on each trainer's stream: the trainings (seeds together) must not notice."""
+    data = cifar_like(3 * BATCH + 5)
+    start = flat_parameters(resnet(0))
+    seeds = (3, 4)
+    plain = [resnet(0) for _ in seeds]
+    plain_logs = fit_many([Trainer(model, data, spec(), seed=seed) for model, seed in zip(plain, seeds)])
+    watched, evaluated = [resnet(0) for _ in seeds], []
+
+    def evaluate(i, epoch):
+        evaluated.append((i, epoch, predict(watched[i], data, "test").float().mean().item()))
+
+    watched_logs = fit_many([Trainer(model, data, spec(), seed=seed) for model, seed in zip(watched, seeds)],
+                            epoch_end=evaluate)
+    assert [(i, e) for i, e, _ in evaluated] == [(i, e) for e in range(3) for i in range(2)]
+    for a, a_log, b, b_log in zip(watched, watched_logs, plain, plain_logs):
+        assert a_log.graph == "cuda-graph" and a.training
+        assert_equal_trainings(a, a_log, b, b_log, start)
 
 
 def head_stage(model, **kw) -> dict:
