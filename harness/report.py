@@ -96,6 +96,7 @@ class Study:
     name: str
     objective: str
     n_trials: int | None
+    n_pruned: int               # trials the pruner stopped (`harness tune --prune`): counted, never chosen
     space: dict
     chosen: dict
     trials: pd.DataFrame        # number, objective: its completed trials in the store
@@ -122,7 +123,8 @@ def load_studies(store: Store) -> dict[tuple, list[Study]]:
         name = row.tuning["study"]
         found.setdefault(name, Study(
             method=row.method, name=name, objective=row.tuning.get("objective", "val top-1"),
-            n_trials=row.tuning.get("n_trials"), space=row.tuning.get("space") or {},
+            n_trials=row.tuning.get("n_trials"), n_pruned=row.tuning.get("n_pruned", 0),
+            space=row.tuning.get("space") or {},
             chosen=row.tuning.get("chosen") or {},
             trials=trials.loc[trials["study"] == name, ["number", "objective"]].reset_index(drop=True)))
     return {key: list(found.values()) for key, found in studies.items()}
@@ -401,7 +403,8 @@ def tuning_table(board: Board) -> tuple[list[str], list[list[str]]]:
     """Per study behind a tuned board: its method, trials, search space and chosen values."""
     headers = ["Method", "Study", "Objective", "Trials", "Search space", "Chosen"]
     rows = [[s.method, s.name, s.objective,
-             f"{len(s.trials)} of {s.n_trials}" if s.n_trials else str(len(s.trials)),
+             (f"{len(s.trials)} of {s.n_trials}" if s.n_trials else str(len(s.trials)))
+             + (f" (+{s.n_pruned} pruned)" if s.n_pruned else ""),
              "; ".join(f"{k}: {v}" for k, v in s.space.items()),
              ", ".join(f"{k} = {v:g}" if isinstance(v, float) else f"{k} = {v}" for k, v in s.chosen.items())]
             for s in board.studies]

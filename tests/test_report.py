@@ -333,7 +333,7 @@ def test_loading_reads_the_recipe_and_skips_trials_on_every_backend(store_url, b
 
 # ---------------------------------------------------------------- tuning
 
-TUNING_EXTRA = {"tuning": {"study": "wb-c10-study", "objective": "val top-1", "n_trials": 4,
+TUNING_EXTRA = {"tuning": {"study": "wb-c10-study", "objective": "val top-1", "n_trials": 4, "n_pruned": 2,
                            "space": {"lr": "log-uniform 1e-3 .. 1e-1", "weight_decay": "log-uniform 1e-4 .. 1e-2"},
                            "chosen": {"lr": 0.02, "weight_decay": 0.005}}}
 
@@ -370,7 +370,7 @@ def test_tuned_board_shows_the_search(tuned, bench, tmp_path):
     assert list(board.plots) == [PER_CLASS, WEIGHT_NORMS, TUNING]
     headers, rows = rep.tuning_table(board)
     assert dict(zip(headers, rows[0])) == {
-        "Method": "wb", "Study": "wb-c10-study", "Objective": "val top-1", "Trials": "3 of 4",
+        "Method": "wb", "Study": "wb-c10-study", "Objective": "val top-1", "Trials": "3 of 4 (+2 pruned)",
         "Search space": "lr: log-uniform 1e-3 .. 1e-1; weight_decay: log-uniform 1e-4 .. 1e-2",
         "Chosen": "lr = 0.02, weight_decay = 0.005"}
     rep.render_html([board], tmp_path / "site")
