@@ -115,6 +115,7 @@ def merged(base: dict, over: dict) -> dict:
 STAGE_REQUIRED = {"epochs": int, "batch_size": int, "lr": Real, "momentum": Real, "weight_decay": Real,
                   "schedule": dict}
 KIND_NAMES = {int: "an integer", Real: "a number", dict: "a mapping"}
+PREFIX_KEYS = ("train_only", "fresh", "train_mode_only")   # dotted-name prefixes (harness.models.under)
 
 
 def check_recipe(recipe, where: str) -> None:
@@ -132,6 +133,13 @@ def check_recipe(recipe, where: str) -> None:
         if values["epochs"] < 1 or values["batch_size"] < 1 or values["lr"] <= 0 or values["weight_decay"] < 0:
             raise HarnessError(f"{where}: {stage} needs epochs >= 1, batch_size >= 1, lr > 0 and weight_decay >= 0")
         schedules.check(values["schedule"], f"{where}: {stage}.schedule")
+        for key in PREFIX_KEYS:   # a bare string would be read as its characters, each a prefix
+            prefixes = values.get(key, [])
+            if not isinstance(prefixes, list) or not all(isinstance(p, str) and p for p in prefixes):
+                raise HarnessError(f"{where}: {stage}.{key} must be a list of module-name prefixes "
+                                   f"(e.g. [body.layer4.2., fc.]), got {prefixes!r}")
+        if values.get("bn_mode", "train") not in ("train", "eval"):
+            raise HarnessError(f"{where}: {stage}.bn_mode must be train or eval, got {values['bn_mode']!r}")
         warm = values["schedule"].get("warmup_epochs", 0)
         if values["schedule"]["kind"] == "warmup-cosine" and warm >= values["epochs"]:
             raise HarnessError(f"{where}: {stage} warms up for {warm} of its {values['epochs']} epochs; "
@@ -221,7 +229,7 @@ def describe_stage(stage: dict | None) -> str:
         return "—"
     schedule = stage.get("schedule", {})
     kind = schedule.get("kind", "?") + (f" ({schedule['step_at']})" if "step_at" in schedule else "")
-    extra = [f"{k} {stage[k]}" for k in ("epoch_steps", "train_only", "fresh", "train_mode_only") if k in stage]
+    extra = [f"{k} {stage[k]}" for k in ("epoch_steps", *PREFIX_KEYS) if k in stage]
     return ", ".join([f"{stage.get('epochs')} ep", f"batch {stage.get('batch_size')}", f"lr {stage.get('lr')}",
                       f"wd {stage.get('weight_decay')}", kind, *extra])
 

@@ -73,6 +73,10 @@ CASES = {
                                                   "stage1_epochs must be an integer >= 1"),
     "recipe without a learning rate": (lambda t: ["--benchmarks", write(t / "b.yaml", NO_LR_YAML)],
                                        "stage1.lr must be a number, got None"),
+    "train_only given as one string": (lambda t: ["--benchmarks", write(t / "b.yaml", recipe_yaml("train_only: fc."))],
+                                       "stage1.train_only must be a list of module-name prefixes"),
+    "bn_mode misspelt": (lambda t: ["--benchmarks", write(t / "b.yaml", recipe_yaml("bn_mode: evaluate"))],
+                         "stage1.bn_mode must be train or eval, got 'evaluate'"),
     "data root that is a file": (lambda t: ["--data-root", write(t / "data.txt", "not a folder")],
                                  "is not a directory"),
     "cache folder that is a file": (lambda t: ["--cache-dir", write(t / "cache.txt", "x"), "--data-root",
@@ -98,6 +102,18 @@ benchmarks:
     presets: {paper: {stage1_epochs: 0}}
     methods: {}
 """
+def recipe_yaml(stage1_extra: str) -> str:
+    """A runnable CE recipe for cifar10-lt, plus one stage-1 key."""
+    return f"""version: 1
+benchmarks:
+  cifar10-lt:
+    backbone: resnet32
+    methods:
+      ce: {{stage1: {{epochs: 2, batch_size: 8, lr: 0.1, momentum: 0.9, weight_decay: 0.0,
+                    schedule: {{kind: constant}}, {stage1_extra}}}}}
+"""
+
+
 NO_LR_YAML = """version: 1
 benchmarks:
   cifar10-lt:
