@@ -526,9 +526,9 @@ def fit_many(trainers: list[Trainer], progress=None, checkpoints: list | None = 
 
 def train(model, data: DeviceData, spec: TrainSpec, seed: int, progress=None, checkpoint=None, label: str = "training",
           announce=None, epoch_end=None) -> TrainLog:
-    """Train `model` in place by `spec`. `progress(epoch, epochs, loss)` is called once per epoch."""
-    return fit_many([Trainer(model, data, spec, seed)], progress, [checkpoint], label, announce,
-                    None if epoch_end is None else lambda _, epoch: epoch_end(epoch))[0]
+    """Train `model` in place by `spec`. `progress(epoch, epochs, loss)` is called once per epoch,
+    and `epoch_end(0, epoch)` as `fit_many` calls it."""
+    return fit_many([Trainer(model, data, spec, seed)], progress, [checkpoint], label, announce, epoch_end)[0]
 
 
 @torch.no_grad()

@@ -308,9 +308,9 @@ def finish(job: Job, data: LTData, ddata: DeviceData, store: Store | None, cache
         update, close = progress_printer(f"{cfg.method} stage 2 seed {cfg.seed}", req.progress and is_main())
         partial = epoch_checkpoint_path(cache, job.stage2_key)
         try:
-            watch = epoch_watch(req, [job], ddata, cfg.recipe["stage1"]["epochs"])
+            watch = epoch_watch(req, [job], ddata, offset=cfg.recipe["stage1"]["epochs"])
             log2 = train(model, ddata, spec2, cfg.seed + 1, update, checkpoint=partial, label="stage 2",
-                         announce=announce, epoch_end=None if watch is None else lambda epoch: watch(0, epoch))
+                         announce=announce, epoch_end=watch)
         finally:
             close()
         if is_main():

@@ -316,7 +316,8 @@ def test_a_pruned_trial_stops_at_the_epoch_the_pruner_says_and_counts_as_finishe
     with Store(synth).session() as s:
         pruned_row = s.scalars(select(Run).where(Run.study == result["study"], Run.status == "failed")).one()
     assert pruned_row.extra["trial"]["number"] == 1
-    assert pruned_row.error.startswith("TrialPruned: val top-1 ") and "after epoch 1 is below the median" in pruned_row.error
+    assert pruned_row.error.startswith("TrialPruned: val top-1 ")
+    assert "after epoch 1 is below the median" in pruned_row.error
     assert f"trial 1: pruned after epoch 1 (val top-1 {trials[1].intermediate_values[0]:.2f}) " \
            f"at {trials[1].params}" in lines
     assert not list((tmp_path / "cache" / "partial").glob("*.pt"))   # nothing left to resume the pruned trial
