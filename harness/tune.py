@@ -263,26 +263,35 @@ def reclaim_orphans(study, space: list[Dimension], name: str, store, report=prin
     return added
 
 
-def settle(url: str, name: str, space: list[Dimension], seed: int, store, report=print) -> None:
-    """Settle what killed `harness tune` processes left of the study before this one searches,
-    under the study's lock, so that processes starting together settle each thing once: trials
-    whose heartbeat stopped fail, and so do their `running` rows; runs that completed
-    unrecorded are added back (`reclaim_orphans`)."""
+def close_dead_trials(study, name: str, store, report=print) -> None:
+    """Trials whose heartbeat stopped (their process was killed mid-training) are failed in the
+    study, as Optuna does before each trial it starts, and their `running` rows with them."""
     import optuna
 
+    optuna.storages.fail_stale_trials(study)
+    failed = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))}
+    for run_id in store.fail_dead_trials(name, failed):
+        report(f"run {run_id}: its trial's process died mid-training; marked failed")
+
+
+def settle(url: str, name: str, space: list[Dimension], seed: int, store, report=print) -> None:
+    """Settle what killed `harness tune` processes left of the study before this one searches,
+    under the study's lock, so that processes starting together settle each thing once: dead
+    trials and their rows fail (`close_dead_trials`); runs that completed unrecorded are added
+    back (`reclaim_orphans`)."""
     with store.exclusive(f"harness tune {name}"):
         study = open_study(url, name, seed)
-        optuna.storages.fail_stale_trials(study)
-        failed = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))}
-        for run_id in store.fail_dead_trials(name, failed):
-            report(f"run {run_id}: its trial's process died mid-training; marked failed")
+        close_dead_trials(study, name, store, report)
         reclaim_orphans(study, space, name, store, report)
 
 
 def run_search(req: TuneRequest, space: list[Dimension], name: str, url: str, report=print):
     """Trials until the study holds `req.trials` finished ones (complete or pruned; those of
-    earlier or parallel processes count); returns the study."""
+    earlier or parallel processes count); returns the study. After each trial, rows of trials
+    that died meanwhile (killed within the grace period before this search began) are closed."""
     import optuna
+
+    from harness.store import Store
 
     study = open_study(url, name, req.run.seeds[0], pruner(req.prune, trial_epochs(req.run)))
     done = len(finished_trials(study))
@@ -291,8 +300,11 @@ def run_search(req: TuneRequest, space: list[Dimension], name: str, url: str, re
         return study
     stop = optuna.study.MaxTrialsCallback(req.trials, states=(optuna.trial.TrialState.COMPLETE,
                                                               optuna.trial.TrialState.PRUNED))
-    show = lambda study, trial: report(trial_line(trial))  # noqa: E731
-    study.optimize(objective(req, space, name), callbacks=[stop, show], catch=())
+    with Store(url) as store:
+        def after(study, trial) -> None:
+            report(trial_line(trial))
+            close_dead_trials(study, name, store, report)
+        study.optimize(objective(req, space, name), callbacks=[stop, after], catch=())
     return study
 
 

@@ -329,3 +329,35 @@ def test_without_prune_no_trial_is_evaluated_between_epochs(synth, monkeypatch):
     result = tune(request(synth, trials=1, final=False), report=lambda line: None)
     assert [r.on_epoch for r in requests] == [None] and "n_pruned" not in result
     assert not open_study(synth, result["study"], 0).trials[0].intermediate_values
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")  # study.ask
+def test_a_trial_killed_just_before_a_search_began_has_its_row_closed_during_the_search(synth, monkeypatch):
+    """Killed within the grace period before this search started, the trial is not dead yet at
+    the start; once it is, the next trial's end closes its row."""
+    from harness.store import now
+
+    monkeypatch.setattr(tune_mod, "GRACE_SECONDS", 1)
+    req = request(synth, trials=1, final=False)
+    space = tune_mod.search_space(req)
+    name = tune_mod.study_name(req, space)
+    study = open_study(synth, name, 0)
+    killed = study.ask()
+    study._storage.record_heartbeat(killed._trial_id)
+    with Store(synth) as store:
+        store.start_run(Run(id="killed", method="wb", dataset="synth-lt", rho=100, backbone="b", seed=0,
+                            generator="ldam", preset="quick", config={}, config_hash="k", status="running",
+                            started_at=now(), device="cpu", git_commit="x", versions={}, data_checksum="c",
+                            extra={"trial": {"number": killed.number, "params": {}}}, study=name))
+    real_execute = tune_mod.execute
+
+    def slow_execute(run):   # the trial outlasts the killed one's grace period (SQLite counts whole seconds)
+        time.sleep(2.2)
+        return real_execute(run)
+
+    monkeypatch.setattr(tune_mod, "execute", slow_execute)
+    lines = []
+    tune_mod.run_search(req, space, name, synth, report=lines.append)
+    row = Store(synth).get_run("killed")
+    assert row.status == "failed" and "heartbeat stopped" in row.error
+    assert lines[-1] == "run killed: its trial's process died mid-training; marked failed"
