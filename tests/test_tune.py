@@ -260,27 +260,31 @@ def test_processes_going_on_with_one_study_together_add_its_orphan_back_once(syn
     assert not errors and [t.user_attrs["run_id"] for t in added_back(synth, name)] == [orphan.id]
 
 
+def beating_trial(study, name: str, store, run_id: str):
+    """A trial that has beaten once, with its run row `running`, as a `harness tune` process
+    leaves them mid-training: killed, it beats no more."""
+    from harness.store import now
+
+    trial = study.ask()
+    study._storage.record_heartbeat(trial._trial_id)
+    store.start_run(Run(id=run_id, method="wb", dataset="synth-lt", rho=100, backbone="b", seed=0,
+                        generator="ldam", preset="quick", config={}, config_hash=run_id, status="running",
+                        started_at=now(), device="cpu", git_commit="x", versions={}, data_checksum="c",
+                        extra={"trial": {"number": trial.number, "params": {}}}, study=name))
+    return trial
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")  # study.ask
 def test_a_trial_killed_mid_training_has_its_run_failed_once_its_heartbeat_is_stale(synth, monkeypatch):
     """kill -9 mid-trial: Optuna fails the trial once its heartbeat is older than the grace
     period; its run row, left `running` by the dead process, is failed with it. A trial
     still beating is somebody's live work, and its row is left alone."""
-    from harness.store import now
-
     monkeypatch.setattr(tune_mod, "GRACE_SECONDS", 1)
     space = tune_mod.search_space(request(synth))
     name = tune_mod.study_name(request(synth), space)
     study = open_study(synth, name, 0)
     store = Store(synth)
-    trials = {}
-    for label in ("killed", "live"):
-        trial = study.ask()
-        study._storage.record_heartbeat(trial._trial_id)
-        trials[label] = trial
-        store.start_run(Run(id=label, method="wb", dataset="synth-lt", rho=100, backbone="b", seed=0,
-                            generator="ldam", preset="quick", config={}, config_hash=label, status="running",
-                            started_at=now(), device="cpu", git_commit="x", versions={}, data_checksum="c",
-                            extra={"trial": {"number": trial.number, "params": {}}}, study=name))
+    trials = {label: beating_trial(study, name, store, label) for label in ("killed", "live")}
     time.sleep(2.2)   # SQLite's clock counts whole seconds: 2 of them are surely past a grace of 1
     study._storage.record_heartbeat(trials["live"]._trial_id)
     lines = []
@@ -335,20 +339,12 @@ def test_without_prune_no_trial_is_evaluated_between_epochs(synth, monkeypatch):
 def test_a_trial_killed_just_before_a_search_began_has_its_row_closed_during_the_search(synth, monkeypatch):
     """Killed within the grace period before this search started, the trial is not dead yet at
     the start; once it is, the next trial's end closes its row."""
-    from harness.store import now
-
     monkeypatch.setattr(tune_mod, "GRACE_SECONDS", 1)
     req = request(synth, trials=1, final=False)
     space = tune_mod.search_space(req)
     name = tune_mod.study_name(req, space)
-    study = open_study(synth, name, 0)
-    killed = study.ask()
-    study._storage.record_heartbeat(killed._trial_id)
     with Store(synth) as store:
-        store.start_run(Run(id="killed", method="wb", dataset="synth-lt", rho=100, backbone="b", seed=0,
-                            generator="ldam", preset="quick", config={}, config_hash="k", status="running",
-                            started_at=now(), device="cpu", git_commit="x", versions={}, data_checksum="c",
-                            extra={"trial": {"number": killed.number, "params": {}}}, study=name))
+        beating_trial(open_study(synth, name, 0), name, store, "killed")
     real_execute = tune_mod.execute
 
     def slow_execute(run):   # the trial outlasts the killed one's grace period (SQLite counts whole seconds)
