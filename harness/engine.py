@@ -498,23 +498,23 @@ def fit_many(trainers: list[Trainer], progress=None, checkpoints: list | None = 
             t.stream.wait_stream(torch.cuda.current_stream(t.device))
     # trainers resumed at different epochs: the ones behind catch up first
     for epoch in range(min(t.epoch for t in trainers), epochs):
-        active = [(t, p) for t, p in zip(trainers, paths) if t.epoch == epoch]
-        for t, _ in active:
+        active = [(i, t, p) for i, (t, p) in enumerate(zip(trainers, paths)) if t.epoch == epoch]
+        for _, t, _ in active:
             with t.on_stream():
                 t.begin_epoch()
-        for i in range(max(t.steps_in_epoch() for t, _ in active)):
-            for t, _ in active:
-                if i < t.steps_in_epoch():
+        for step in range(max(t.steps_in_epoch() for _, t, _ in active)):
+            for _, t, _ in active:
+                if step < t.steps_in_epoch():
                     with t.on_stream():
                         t.step()
         losses = []
-        for t, path in active:
+        for i, t, path in active:
             with t.on_stream():
                 losses.append(t.end_epoch())
                 if path is not None and is_main():
                     save_epoch_checkpoint(path, t.state_dict())
                 if epoch_end is not None:
-                    epoch_end(trainers.index(t), epoch)
+                    epoch_end(i, epoch)
                     t.mode()   # an evaluation leaves the model in eval mode
         if progress is not None:
             progress(epoch, epochs, float(np.mean(losses)))
