@@ -18,11 +18,12 @@ from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import Connection, Engine
 
 from harness import HarnessError
+from harness.locks import server_lock
 
 BASELINE = "0001"  # the schema results.db had before migrations existed
 VERSION_TABLE = "harness_alembic_version"
 LEGACY_TABLE = "alembic_version"  # where our revision was kept before Optuna shared the database
-SCHEMA_LOCK = int.from_bytes(b"ltr-hrns")  # PostgreSQL advisory lock key: the store's creation
+SCHEMA_LOCK = "ltr-harness schema"  # the server lock (harness.locks) under which a store is created
 NO_STORE_FIX = "check --db / HARNESS_DB, or make one with `harness run` or `harness sweep`"
 
 
@@ -71,11 +72,10 @@ def current_revision(conn: Connection) -> str | None:
 def ensure_schema(engine: Engine, url: str, metadata, create: bool = True) -> None:
     from alembic import command
 
-    with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            # processes opening a new store together create it one at a time, as SQLite's
-            # BEGIN IMMEDIATE makes them there; held until this transaction ends
-            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK})
+    # processes opening a new store together create it one at a time: SQLite's BEGIN IMMEDIATE
+    # makes them, elsewhere a server lock (MySQL commits each CREATE TABLE on its own, so its
+    # transaction alone would not)
+    with engine.connect() as conn, server_lock(conn, SCHEMA_LOCK), conn.begin():
         revision = current_revision(conn)
         if revision is None and not create:
             raise HarnessError(f"{url} holds no results store; {NO_STORE_FIX}")

@@ -7,24 +7,33 @@ row and never half a result. Numbers are stored as numbers.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 from datetime import datetime, timezone
 
 from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event,
-                        select, text)
+                        select)
+from sqlalchemy.dialects import mysql
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload
 
 from harness import HarnessError
+from harness.locks import MYSQL, server_lock
 from harness.migrate import NO_STORE_FIX, ensure_schema
 
 DEFAULT_URL = "sqlite:///results.db"
+DRIVER_EXTRAS = {"psycopg": "postgres", "pymysql": "mysql"}   # the extra that installs each driver
 
 
 class Base(DeclarativeBase):
     pass
+
+
+# MySQL and MariaDB keep FLOAT in single precision and DATETIME in whole seconds: a top-1 of
+# 82.46 would read back as 82.4599990845, and runs started within one second could not be
+# ordered. SQLite and PostgreSQL keep doubles and microseconds under the plain types.
+Real = Float().with_variant(mysql.DOUBLE(asdecimal=False), *MYSQL)
+Timestamp = DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), *MYSQL)
 
 
 class Run(Base):
@@ -32,7 +41,7 @@ class Run(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     method: Mapped[str] = mapped_column(String(64), index=True)
     dataset: Mapped[str] = mapped_column(String(64), index=True)
-    rho: Mapped[float] = mapped_column(Float)
+    rho: Mapped[float] = mapped_column(Real)
     backbone: Mapped[str] = mapped_column(String(64))
     seed: Mapped[int] = mapped_column(Integer)
     generator: Mapped[str] = mapped_column(String(16))
@@ -40,9 +49,9 @@ class Run(Base):
     config: Mapped[dict] = mapped_column(JSON)
     config_hash: Mapped[str] = mapped_column(String(64), index=True)
     status: Mapped[str] = mapped_column(String(16), index=True)  # running | completed | failed
-    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    wall_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    started_at: Mapped[datetime] = mapped_column(Timestamp)
+    finished_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    wall_seconds: Mapped[float | None] = mapped_column(Real, nullable=True)
     device: Mapped[str] = mapped_column(String(128))
     git_commit: Mapped[str] = mapped_column(String(64))
     versions: Mapped[dict] = mapped_column(JSON)
@@ -64,8 +73,8 @@ class Metric(Base):
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
     split: Mapped[str] = mapped_column(String(8))    # test | val
     group: Mapped[str] = mapped_column(String(8))    # all | many | medium | few
-    top1: Mapped[float | None] = mapped_column(Float, nullable=True)   # percent; NULL = empty group
-    error: Mapped[float | None] = mapped_column(Float, nullable=True)
+    top1: Mapped[float | None] = mapped_column(Real, nullable=True)   # percent; NULL = empty group
+    error: Mapped[float | None] = mapped_column(Real, nullable=True)
     n_classes: Mapped[int] = mapped_column(Integer)
     run: Mapped[Run] = relationship(back_populates="metrics")
 
@@ -77,8 +86,8 @@ class ClassMetric(Base):
     class_index: Mapped[int] = mapped_column(Integer)
     class_name: Mapped[str] = mapped_column(String(128))
     train_count: Mapped[int] = mapped_column(Integer)
-    accuracy: Mapped[float] = mapped_column(Float)       # test, percent
-    weight_norm: Mapped[float] = mapped_column(Float)    # ||w_c|| of the final classifier
+    accuracy: Mapped[float] = mapped_column(Real)      # test, percent
+    weight_norm: Mapped[float] = mapped_column(Real)   # ||w_c|| of the final classifier
     run: Mapped[Run] = relationship(back_populates="class_metrics")
 
 
@@ -88,10 +97,10 @@ class CurvePoint(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
     kind: Mapped[str] = mapped_column(String(32))
-    x: Mapped[float] = mapped_column(Float)
+    x: Mapped[float] = mapped_column(Real)
     split: Mapped[str] = mapped_column(String(8))
     group: Mapped[str] = mapped_column(String(8))
-    value: Mapped[float | None] = mapped_column(Float, nullable=True)
+    value: Mapped[float | None] = mapped_column(Real, nullable=True)
     run: Mapped[Run] = relationship(back_populates="curves")
 
 
@@ -133,6 +142,10 @@ class Store:
                 event.listen(self.engine, "connect", _sqlite_pragmas)
                 event.listen(self.engine, "begin", _sqlite_begin)
             ensure_schema(self.engine, self.url, Base.metadata, create)
+        except ModuleNotFoundError as exc:   # the URL's database driver, most likely
+            fix = f"pip install 'ltr-harness[{DRIVER_EXTRAS[exc.name]}]'" if exc.name in DRIVER_EXTRAS else \
+                "install the database driver the URL names"
+            raise HarnessError(f"cannot open results store {self.url}: no module named {exc.name}; {fix}") from exc
         except (SQLAlchemyError, ImportError, ValueError) as exc:
             reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
             raise HarnessError(f"cannot open results store {self.url}: {reason}; "
@@ -154,27 +167,25 @@ class Store:
 
     @contextlib.contextmanager
     def exclusive(self, name: str):
-        """Hold the lock `name` against every process on this store (every machine, on
-        PostgreSQL) without blocking anybody's writes, this store's or Optuna's: a PostgreSQL
-        advisory lock, or a lock file beside a SQLite database (`results.db-lock`, one for every
-        name: coarser, never wrong)."""
-        if self.engine.dialect.name == "postgresql":
-            key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
-                try:
-                    yield
-                finally:
-                    conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
-            return
-        path = self.engine.url.database
-        if not path or path == ":memory:":   # no other process can see this store
-            yield
-            return
-        from filelock import FileLock
+        """Hold the lock `name` against every process on this store (every machine, on a
+        server) without blocking anybody's writes, this store's or Optuna's: a server lock
+        (harness.locks), or a lock file beside a SQLite database (`results.db-lock`, one for
+        every name: coarser, never wrong)."""
+        if self.engine.dialect.name == "sqlite":
+            path = self.engine.url.database
+            if not path or path == ":memory:":   # no other process can see this store
+                yield
+                return
+            from filelock import FileLock
 
-        # a lock on a file of its own: a lock inside the database would block its writers
-        with FileLock(f"{path}-lock"):
+            # a lock on a file of its own: a lock inside the database would block its writers
+            with FileLock(f"{path}-lock"):
+                yield
+            return
+        with self.engine.connect() as conn, server_lock(conn, name) as held:
+            if not held:
+                raise HarnessError(f"{self.url}: {self.engine.dialect.name} has no lock the harness can take; "
+                                   "use a SQLite, PostgreSQL or MySQL/MariaDB store")
             yield
 
     def start_run(self, run: Run) -> None:

@@ -24,11 +24,17 @@ def synth(tmp_path, monkeypatch):
     DATASETS.unregister("synth-lt")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+# the servers the store tests also run on, each where its variable names one
+SERVERS = {"postgresql": "HARNESS_TEST_PG_URL", "mysql": "HARNESS_TEST_MYSQL_URL"}
+
+
+@pytest.fixture(params=["sqlite", *SERVERS])
 def store_url(request, tmp_path):
-    """An empty results store on each backend. PostgreSQL needs a server: .ci/run starts
-    one and sets HARNESS_TEST_PG_URL (postgresql+psycopg://user@host:port/db); each test
-    gets a database of its own, dropped afterwards."""
+    """An empty results store on each backend. A server backend needs its variable:
+    .ci/run starts PostgreSQL and MariaDB on loopback and sets HARNESS_TEST_PG_URL
+    (postgresql+psycopg://user@host:port/db) and HARNESS_TEST_MYSQL_URL
+    (mysql+pymysql://user:password@host:port/db); each test gets a database of its own,
+    dropped afterwards."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'store.db'}"
         return
@@ -36,10 +42,12 @@ def store_url(request, tmp_path):
 
     from sqlalchemy import create_engine, make_url, text
 
-    base = os.environ.get("HARNESS_TEST_PG_URL")
+    base = os.environ.get(SERVERS[request.param])
     if not base:
-        pytest.skip("PostgreSQL store tests need HARNESS_TEST_PG_URL (.ci/run starts a server and sets it)")
+        pytest.skip(f"{request.param} store tests need {SERVERS[request.param]} (.ci/run starts a server and sets it)")
     name = f"harness_test_{uuid.uuid4().hex[:12]}"
+    # PostgreSQL drops a database that a leftover connection still holds only when forced
+    drop = f"DROP DATABASE IF EXISTS {name}" + (" WITH (FORCE)" if request.param == "postgresql" else "")
     admin = create_engine(base, isolation_level="AUTOCOMMIT")
     with admin.connect() as con:
         con.execute(text(f"CREATE DATABASE {name}"))
@@ -47,5 +55,5 @@ def store_url(request, tmp_path):
         yield make_url(base).set(database=name).render_as_string(hide_password=False)
     finally:
         with admin.connect() as con:
-            con.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            con.execute(text(drop))
         admin.dispose()

@@ -62,7 +62,8 @@ def test_missing_cifar_data_names_the_fixes(tmp_path, env):
     assert len(out.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("url", ["sqlite:////no/such/dir/results.db", "postgresql+psycopg://nobody@127.0.0.1:1/none"])
+@pytest.mark.parametrize("url", ["sqlite:////no/such/dir/results.db", "postgresql+psycopg://nobody@127.0.0.1:1/none",
+                                 "mysql+pymysql://nobody@127.0.0.1:1/none"])
 def test_unreachable_db_is_a_clear_error(tmp_path, env, url):
     env, _ = plugin_env(tmp_path, env)
     out = harness("run", "--method", "ce", "--dataset", "synth-lt", "--rho", "100", "--db", url, env=env, cwd=tmp_path)

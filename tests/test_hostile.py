@@ -87,6 +87,8 @@ CASES = {
     "results.db that is not a database": (lambda t: ["list", "runs", "--db",
                                                      f"sqlite:///{write(t / 'junk.db', 'junk' * 500)}"],
                                           "file is not a database"),
+    "database driver not installed": (lambda t: ["list", "runs", "--db", "mysql+mysqldb://u@127.0.0.1:1/x"],
+                                      "no module named MySQLdb; install the database driver the URL names"),
     "results.db that is a folder": (lambda t: ["list", "runs", "--db", f"sqlite:///{mkdir(t / 'folder.db')}"],
                                     "cannot open results store"),
     "report into a file that is a folder": (lambda t: ["report", "--format", "csv", "--file", mkdir(t / "out")],

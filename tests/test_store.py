@@ -1,22 +1,27 @@
-"""The results store on every backend (SQLite always; PostgreSQL where a server is given)."""
+"""The results store on every backend (SQLite always; PostgreSQL and MySQL/MariaDB where a
+server is given)."""
 import multiprocessing as mp
 import time
+from datetime import datetime, timezone
 
 import pytest
 from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, text
 
 from bench.store_concurrency import open_at, ready, writer
 from harness import HarnessError
-from harness.migrate import alembic_config, head_revision, upgrade
+from harness.migrate import VERSION_TABLE, alembic_config, head_revision, upgrade
 from harness.runner import RunRequest, execute
-from harness.store import Run, Store, now
+from harness.store import Base, Run, Store, now
 
 
-def new_run(store, rid, config_hash="h", status="running"):
+def new_run(store, rid, config_hash="h", status="running", started_at=None):
     store.start_run(Run(id=rid, method="ce", dataset="synth-lt", rho=100, backbone="b", seed=0, generator="ldam",
                         preset="quick", config={"nested": {"lr": 0.1}}, config_hash=config_hash, status=status,
-                        started_at=now(), device="cpu", git_commit="x", versions={}, data_checksum="c", extra={}))
+                        started_at=started_at or now(), device="cpu", git_commit="x", versions={},
+                        data_checksum="c", extra={}))
 
 
 GOOD = {"split": "test", "group": "all", "top1": 50.0, "error": 50.0, "n_classes": 6}
@@ -24,9 +29,12 @@ EMPTY_GROUP = {"split": "test", "group": "few", "top1": None, "error": None, "n_
 
 
 def test_complete_run_round_trips_numbers_nulls_and_json(store_url):
+    """Numbers come back as written, to the last bit, and times to the microsecond (MySQL's
+    FLOAT and DATETIME would give 82.4599990845 and whole seconds)."""
     store = Store(store_url)
-    new_run(store, "r1")
-    store.complete_run("r1", metrics=[GOOD, EMPTY_GROUP],
+    started = datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=timezone.utc)
+    new_run(store, "r1", started_at=started)
+    store.complete_run("r1", metrics=[{**GOOD, "top1": 82.46, "error": 100 - 82.46}, EMPTY_GROUP],
                        class_metrics=[{"class_index": 0, "class_name": "a", "train_count": 3, "accuracy": 12.5,
                                        "weight_norm": 0.75}],
                        curves=[{"kind": "tau_sweep", "x": 0.1, "split": "val", "group": "all", "value": 40.0}],
@@ -34,7 +42,10 @@ def test_complete_run_round_trips_numbers_nulls_and_json(store_url):
     row = Store(store_url).get_run("r1")
     assert row.status == "completed" and row.extra == {"tau": 1.2, "maxnorm_active_steps": 3}
     assert row.config == {"nested": {"lr": 0.1}} and row.stage1_cached == 1
-    assert sorted((m.group, m.top1) for m in row.metrics) == [("all", 50.0), ("few", None)]
+    assert sorted((m.group, m.top1, m.error) for m in row.metrics) == [("all", 82.46, 100 - 82.46),
+                                                                       ("few", None, None)]
+    as_utc = row.started_at if row.started_at.tzinfo else row.started_at.replace(tzinfo=timezone.utc)
+    assert as_utc == started and row.finished_at > row.started_at
     assert isinstance(row.class_metrics[0].accuracy, float) and row.curves[0].value == 40.0
 
 
@@ -80,6 +91,23 @@ def test_a_store_from_before_migrations_is_refused_then_upgraded(store_url):
     assert upgrade(store_url) == ("0001", head_revision())
     [row] = Store(store_url).list_runs()
     assert row.id == "old" and row.status == "completed" and row.failed_epoch is None
+
+
+def test_an_upgraded_store_has_the_schema_of_a_new_one(store_url):
+    """Every migration from the baseline on, this backend's column types included, ends at
+    what the models create."""
+    engine = create_engine(store_url)
+    with engine.begin() as con:
+        command.upgrade(alembic_config(con), "0001")
+    engine.dispose()
+    upgrade(store_url)
+    engine = create_engine(store_url)
+    with engine.connect() as con:
+        context = MigrationContext.configure(con, opts={"compare_type": True})
+        diff = [d for d in compare_metadata(context, Base.metadata)
+                if not (d[0] == "remove_table" and d[1].name == VERSION_TABLE)]
+    engine.dispose()
+    assert diff == []
 
 
 def test_parallel_writers_lose_nothing(store_url):
@@ -155,3 +183,11 @@ def test_exclusive_holds_off_a_second_holder_and_no_writer(store_url):
     assert events == ["wrote", "released", "acquired"]
     assert {r.id for r in other.list_runs()} == {"by-holder", "by-other"}
     holder.close(), other.close()
+
+
+def test_a_missing_driver_names_the_extra_that_installs_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pymysql", None)   # as if it were not installed
+    with pytest.raises(HarnessError, match=r"no module named pymysql; pip install 'ltr-harness\[mysql\]'"):
+        Store("mysql+pymysql://nobody@127.0.0.1:1/none")
