@@ -29,11 +29,13 @@ class Base(DeclarativeBase):
     pass
 
 
-# MySQL and MariaDB keep FLOAT in single precision and DATETIME in whole seconds: a top-1 of
-# 82.46 would read back as 82.4599990845, and runs started within one second could not be
-# ordered. SQLite and PostgreSQL keep doubles and microseconds under the plain types.
+# MySQL and MariaDB keep FLOAT in single precision, DATETIME in whole seconds and TEXT up to
+# 64 KiB: a top-1 of 82.46 would read back as 82.4599990845, runs started within one second
+# could not be ordered, and a long error would fail the write that marks its run failed.
+# SQLite and PostgreSQL keep doubles, microseconds and any length under the plain types.
 Real = Float().with_variant(mysql.DOUBLE(asdecimal=False), *MYSQL)
 Timestamp = DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), *MYSQL)
+LongText = Text().with_variant(mysql.MEDIUMTEXT(), *MYSQL)
 
 
 class Run(Base):
@@ -58,7 +60,7 @@ class Run(Base):
     data_checksum: Mapped[str] = mapped_column(String(64))
     stage1_cached: Mapped[int] = mapped_column(Integer, default=0)
     extra: Mapped[dict] = mapped_column(JSON, default=dict)
-    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error: Mapped[str | None] = mapped_column(LongText, nullable=True)
     failed_epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)  # where a NaN/inf loss stopped it
     # the tuning study this run is a trial of (`harness tune`); trials are never ranked
     study: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)

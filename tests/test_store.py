@@ -64,12 +64,15 @@ def test_failed_run_keeps_reason_and_epoch_and_interrupted_rows_are_closed(store
     store = Store(store_url)
     new_run(store, "diverged")
     store.fail_run("diverged", "TrainingDiverged: loss became nan in epoch 7", 3.0, failed_epoch=7)
+    new_run(store, "long")   # a long error is kept whole (MySQL's TEXT would refuse it, and the row stay running)
+    store.fail_run("long", "RuntimeError: " + "x" * 100_000, 1.0)
     new_run(store, "dead", config_hash="same")
     new_run(store, "resumer", config_hash="same")
     new_run(store, "later", config_hash="same")   # started after the resumer: may be alive
     assert store.close_interrupted("same", completed_by="resumer", resumed=True) == 1
     rows = {r.id: r for r in store.list_runs()}
     assert rows["diverged"].status == "failed" and rows["diverged"].failed_epoch == 7
+    assert rows["long"].status == "failed" and len(rows["long"].error) == 100_014
     assert rows["dead"].status == "failed" and "resumed by run resumer" in rows["dead"].error
     assert rows["resumer"].status == rows["later"].status == "running"
     new_run(store, "rerun", config_hash="same")   # a fresh run of it, nothing resumed

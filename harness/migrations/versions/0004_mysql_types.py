@@ -1,7 +1,9 @@
-"""MySQL / MariaDB: numbers as DOUBLE, times as DATETIME(6). Their FLOAT is single precision
-(a top-1 of 82.46 read back as 82.4599990845) and their DATETIME whole seconds (runs started
-within a second could not be ordered). SQLite and PostgreSQL already keep doubles and
-microseconds: nothing changes there. Numbers already rounded stay rounded.
+"""MySQL / MariaDB: numbers as DOUBLE, times as DATETIME(6), runs.error as MEDIUMTEXT. Their
+FLOAT is single precision (a top-1 of 82.46 read back as 82.4599990845), their DATETIME whole
+seconds (runs started within a second could not be ordered) and their TEXT at most 64 KiB (a
+longer error failed the write that marks its run failed). SQLite and PostgreSQL already keep
+doubles, microseconds and any length: nothing changes there. Numbers already rounded stay
+rounded.
 
 Revision ID: 0004
 Revises: 0003
@@ -22,18 +24,19 @@ NUMBERS = [("runs", "rho", False), ("runs", "wall_seconds", True), ("metrics", "
 TIMES = [("runs", "started_at", False), ("runs", "finished_at", True)]
 
 
-def retype(numbers, times) -> None:
+def retype(numbers, times, error) -> None:
     if op.get_bind().dialect.name not in ("mysql", "mariadb"):
         return
     for table, column, nullable in NUMBERS:
         op.alter_column(table, column, type_=numbers, existing_nullable=nullable)
     for table, column, nullable in TIMES:
         op.alter_column(table, column, type_=times, existing_nullable=nullable)
+    op.alter_column("runs", "error", type_=error, existing_nullable=True)
 
 
 def upgrade() -> None:
-    retype(mysql.DOUBLE(asdecimal=False), mysql.DATETIME(fsp=6))
+    retype(mysql.DOUBLE(asdecimal=False), mysql.DATETIME(fsp=6), mysql.MEDIUMTEXT())
 
 
 def downgrade() -> None:
-    retype(sa.Float(), sa.DateTime(timezone=True))
+    retype(sa.Float(), sa.DateTime(timezone=True), sa.Text())
