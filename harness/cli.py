@@ -218,6 +218,25 @@ def upgrade(url) -> None:
     click.echo(f"{url}: schema {before or 'empty'} -> {after}" if before != after else f"{url}: already at {after}")
 
 
+@db.command()
+@click.argument("source")
+@click.option("--db", "url", envvar="HARNESS_DB", help="SQLAlchemy URL of the store to merge into "
+              "[sqlite:///results.db]; made if it does not exist.")
+def merge(source, url) -> None:
+    """Copy into --db every finished run of the store SOURCE (a SQLAlchemy URL) that it lacks,
+    with its metrics, per-class results and curves, in one transaction; running rows stay
+    behind. For results trained elsewhere (another machine, a GPU box's results.db) joining a
+    shared store. Both stores must be at this harness's schema (`harness db upgrade`)."""
+    from harness.store import Store
+
+    if "://" not in source:
+        raise HarnessError(f"SOURCE is a SQLAlchemy URL: for the file {source}, sqlite:///{source}")
+    with Store(source, create=False) as src, Store(url) as dest:
+        counts = dest.merge_from(src)
+    click.echo(f"{dest.url}: {counts['copied']} runs copied from {src.url}; "
+               f"{counts['already here']} already here, {counts['running left behind']} running left behind")
+
+
 @cli.command(name="list")
 @click.argument("what", type=click.Choice(["methods", "datasets", "recipes", "runs"]))
 @click.option("--db", envvar="HARNESS_DB", help="SQLAlchemy URL of the results store.")

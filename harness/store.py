@@ -12,7 +12,7 @@ import os
 from datetime import datetime, timezone
 
 from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event,
-                        select)
+                        insert, select)
 from sqlalchemy.dialects import mysql
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload
@@ -246,6 +246,39 @@ class Store:
                 run.finished_at = now()
             return [run.id for run in rows]
 
+    def same_database(self, other: "Store") -> bool:
+        a, b = self.engine.url, other.engine.url
+        if a.get_backend_name() == b.get_backend_name() == "sqlite":
+            return bool(a.database) and os.path.realpath(a.database) == os.path.realpath(b.database or "")
+        return (a.get_backend_name(), a.host, a.port, a.database) == (b.get_backend_name(), b.host, b.port, b.database)
+
+    def merge_from(self, source: "Store", chunk: int = 200) -> dict[str, int]:
+        """Copy into this store every finished (completed or failed) run of `source` that it
+        lacks, with its metrics, per-class rows and curves, in one transaction: all of them or,
+        on any error, none. A run id present in both is the same run and is left as it is here.
+        Running rows stay behind: they are live, or dead and to be rerun, and a finished row
+        never changes again, so what is copied is whole. Tuning trials come along (a tuned board
+        plots them); Optuna's own study tables do not. Returns the counts: copied, already here,
+        running left behind."""
+        if self.same_database(source):
+            raise HarnessError(f"{source.url} is the store being merged into; name another with --db")
+        with source.session() as s:
+            states = dict(s.execute(select(Run.id, Run.status)).all())
+        tables = [Run.__table__, Metric.__table__, ClassMetric.__table__, CurvePoint.__table__]
+        with self.engine.begin() as dest:
+            here = set(dest.scalars(select(Run.id))) & states.keys()
+            todo = sorted(i for i, state in states.items() if state != "running" and i not in here)
+            for start in range(0, len(todo), chunk):
+                ids = todo[start:start + chunk]
+                for table in tables:
+                    key = table.c.id if table is Run.__table__ else table.c.run_id
+                    with source.engine.connect() as src:
+                        rows = [portable(table, r) for r in src.execute(select(table).where(key.in_(ids))).mappings()]
+                    if rows:
+                        dest.execute(insert(table), rows)
+        left = sum(1 for i, state in states.items() if state == "running" and i not in here)
+        return {"copied": len(todo), "already here": len(here), "running left behind": left}
+
     def get_run(self, run_id: str) -> Run:
         with self.session() as s:
             run = s.get(Run, run_id)
@@ -260,6 +293,20 @@ class Store:
     def list_runs(self) -> list[Run]:
         with self.session() as s:
             return list(s.scalars(select(Run).options(selectinload(Run.metrics)).order_by(Run.started_at)).all())
+
+
+def portable(table, row) -> dict:
+    """A row read from one store as another takes it: times in UTC with their zone (SQLite and
+    MySQL give them without one, PostgreSQL in its session's zone), and without the id that
+    numbers the rows of a child table (the destination numbers its own)."""
+    out = dict(row)
+    for column in table.columns:
+        value = out[column.name]
+        if isinstance(column.type, DateTime) and value is not None:
+            out[column.name] = value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    if table is not Run.__table__:
+        del out["id"]
+    return out
 
 
 def now() -> datetime:

@@ -170,3 +170,21 @@ def test_run_list_show_roundtrip(tmp_path, env):
     assert "| test    | few     |" in shown.stdout and "c5" in shown.stdout
     missing = harness("show", "doesnotexist", env=env)
     assert missing.returncode == 2 and "no run 'doesnotexist'" in missing.stderr
+
+
+def test_db_merge_command(tmp_path, env):
+    from tests.test_store import finished_store
+
+    gpu = tmp_path / "gpu.db"
+    finished_store(f"sqlite:///{gpu}").close()
+    missing = harness("db", "merge", f"sqlite:///{tmp_path / 'nope.db'}", env=env)
+    assert missing.returncode == 2 and "no results store at" in missing.stderr
+    assert not (tmp_path / "results.db").exists()
+    a_path = harness("db", "merge", str(gpu), env=env)
+    assert a_path.returncode == 2 and f"sqlite:///{gpu}" in a_path.stderr and len(a_path.stderr.splitlines()) == 1
+    out = harness("db", "merge", f"sqlite:///{gpu}", env=env)
+    assert out.returncode == 0 and "2 runs copied" in out.stdout and "1 running left behind" in out.stdout, out.stderr
+    listed = harness("list", "runs", env=env)
+    assert "done" in listed.stdout and "82.46" in listed.stdout and "live" not in listed.stdout
+    again = harness("db", "merge", f"sqlite:///{gpu}", env=env)
+    assert "0 runs copied" in again.stdout and "2 already here" in again.stdout

@@ -50,6 +50,8 @@ def test_readme_command_runs_as_written(command, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(harness.sweep, "execute_sweep", lambda planned, *a, **k: requests.extend(planned) or (0, 0))
     monkeypatch.setattr(harness.tune, "tune", lambda req, report: requests.append(req) or {})
     argv = argv_of(command, "r1")
+    if argv[:2] == ["db", "merge"]:   # the store it merges from, as another machine left it
+        existing_store(tmp_path / argv[2].removeprefix("sqlite:///"))
     monkeypatch.setattr(sys, "argv", ["harness", *argv])
     try:
         main()

@@ -194,3 +194,64 @@ def test_a_missing_driver_names_the_extra_that_installs_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "pymysql", None)   # as if it were not installed
     with pytest.raises(HarnessError, match=r"no module named pymysql; pip install 'ltr-harness\[mysql\]'"):
         Store("mysql+pymysql://nobody@127.0.0.1:1/none")
+
+
+def dump(store, ids):
+    """Every column of the runs `ids` and of their child rows, as comparable values."""
+    def plain(obj):
+        row = {c.name: getattr(obj, c.key) for c in obj.__table__.columns if c.name not in ("id", "run_id")}
+        return {k: v.replace(tzinfo=None) if isinstance(v, datetime) and v.tzinfo is None else
+                v.astimezone(timezone.utc).replace(tzinfo=None) if isinstance(v, datetime) else v
+                for k, v in row.items()}
+    out = {}
+    for rid in ids:
+        run = store.get_run(rid)
+        out[rid] = (plain(run) | {"id": rid}, sorted(map(repr, map(plain, run.metrics))),
+                    sorted(map(repr, map(plain, run.class_metrics))), sorted(map(repr, map(plain, run.curves))))
+    return out
+
+
+def finished_store(url):
+    store = Store(url)
+    new_run(store, "done", started_at=datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=timezone.utc))
+    store.complete_run("done", metrics=[{**GOOD, "top1": 82.46, "error": 100 - 82.46}, EMPTY_GROUP],
+                       class_metrics=[{"class_index": i, "class_name": f"c{i}", "train_count": 10 - i,
+                                       "accuracy": 100 / 3 * i, "weight_norm": 0.1 * i} for i in range(3)],
+                       curves=[{"kind": "loss", "x": e, "split": "train", "group": "all", "value": 1 / (e + 1)}
+                               for e in range(4)],
+                       extra={"tau": 1.2}, wall_seconds=2.5, stage1_cached=False)
+    new_run(store, "broke")
+    store.fail_run("broke", "TrainingDiverged: loss became nan in epoch 3", 1.0, failed_epoch=3)
+    new_run(store, "live")
+    return store
+
+
+def test_merge_copies_finished_runs_whole_once_and_leaves_running_ones(tmp_path, store_url):
+    source = finished_store(f"sqlite:///{tmp_path / 'gpu.db'}")
+    dest = Store(store_url)
+    new_run(dest, "mine")
+    assert dest.merge_from(source, chunk=1) == {"copied": 2, "already here": 0, "running left behind": 1}
+    assert {r.id: r.status for r in dest.list_runs()} == {"mine": "running", "done": "completed", "broke": "failed"}
+    assert dump(dest, ["done", "broke"]) == dump(source, ["done", "broke"])
+    assert dest.merge_from(source) == {"copied": 0, "already here": 2, "running left behind": 1}
+    assert len(dest.get_run("done").class_metrics) == 3
+
+
+def test_merge_is_all_or_nothing(tmp_path, monkeypatch):
+    import harness.store as store_mod
+
+    source = finished_store(f"sqlite:///{tmp_path / 'gpu.db'}")
+    dest = Store(f"sqlite:///{tmp_path / 'results.db'}")
+    real = store_mod.portable
+
+    def failing(table, row):   # in chunks of one run, "broke" is copied before "done"'s curves fail
+        if table.name == "curves":
+            raise OSError("disk went away")
+        return real(table, row)
+
+    monkeypatch.setattr(store_mod, "portable", failing)
+    with pytest.raises(OSError):
+        dest.merge_from(source, chunk=1)
+    assert dest.list_runs() == []
+    with pytest.raises(HarnessError, match="is the store being merged into"):
+        dest.merge_from(Store(f"sqlite:///{tmp_path / '.' / 'results.db'}"))
