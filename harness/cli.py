@@ -240,12 +240,17 @@ def merge(source, url) -> None:
 @cli.command(name="list")
 @click.argument("what", type=click.Choice(["methods", "datasets", "recipes", "runs"]))
 @click.option("--db", envvar="HARNESS_DB", help="SQLAlchemy URL of the results store.")
-@click.option("--names", is_flag=True, help="Names only, one per line (for scripts).")
-@click.option("--dataset", help="recipes: only this dataset's.")
+@click.option("--names", is_flag=True, help="Names only (run ids for runs), one per line (for scripts).")
+@click.option("--dataset", help="recipes, runs: only this dataset's.")
+@click.option("--method", help="runs: only this method's.")
+@click.option("--status", type=click.Choice(["running", "completed", "failed"]), help="runs: only these.")
 @click.option("--benchmarks", envvar="HARNESS_BENCHMARKS", help="recipes: the benchmarks.yaml to read.")
-def list_(what: str, db: str | None, names: bool, dataset: str | None, benchmarks: str | None) -> None:
+def list_(what: str, db: str | None, names: bool, dataset: str | None, method: str | None, status: str | None,
+          benchmarks: str | None) -> None:
     """List registered methods, datasets, each dataset's recipes (with what they do not
-    follow of the official code), or stored runs."""
+    follow of the official code), or stored runs (in the order they started)."""
+    if (method or status) and what != "runs":
+        raise HarnessError("--method and --status choose among runs: `harness list runs --method ...`")
     from harness.registry import DATASETS, METHODS
 
     if what == "recipes":
@@ -282,7 +287,10 @@ def list_(what: str, db: str | None, names: bool, dataset: str | None, benchmark
 
         rows = []
         with Store(db, create=False) as store:
-            runs = store.list_runs()
+            runs = store.list_runs(method=method, dataset=dataset, status=status)
+        if names:
+            click.echo("\n".join(r.id for r in runs))
+            return
         for r in runs:
             top1 = next((m.top1 for m in r.metrics if m.split == "test" and m.group == "all"), None) \
                 if r.status == "completed" else None

@@ -290,9 +290,15 @@ class Store:
             _ = (run.metrics, run.class_metrics, run.curves)  # load while the session is open
             return run
 
-    def list_runs(self) -> list[Run]:
+    def list_runs(self, **equal) -> list[Run]:
+        """Runs in the order they started, with their metrics; `equal` keeps those whose columns
+        hold these values (method="wb", status="running"; None: any)."""
+        query = select(Run).options(selectinload(Run.metrics)).order_by(Run.started_at)
+        for column, value in equal.items():
+            if value is not None:
+                query = query.where(getattr(Run, column) == value)
         with self.session() as s:
-            return list(s.scalars(select(Run).options(selectinload(Run.metrics)).order_by(Run.started_at)).all())
+            return list(s.scalars(query).all())
 
 
 def portable(table, row) -> dict:

@@ -188,3 +188,16 @@ def test_db_merge_command(tmp_path, env):
     assert "done" in listed.stdout and "82.46" in listed.stdout and "live" not in listed.stdout
     again = harness("db", "merge", f"sqlite:///{gpu}", env=env)
     assert "0 runs copied" in again.stdout and "2 already here" in again.stdout
+
+
+def test_list_runs_filters_and_names(tmp_path, env):
+    from tests.test_store import finished_store
+
+    finished_store(env["HARNESS_DB"]).close()   # done (completed), broke (failed), live (running); all ce
+    assert harness("list", "runs", "--names", env=env).stdout.split() == ["done", "broke", "live"]
+    assert harness("list", "runs", "--names", "--status", "failed", env=env).stdout.split() == ["broke"]
+    assert harness("list", "runs", "--names", "--method", "wb", env=env).stdout.split() == []
+    table = harness("list", "runs", "--dataset", "synth-lt", "--status", "completed", env=env).stdout
+    assert "82.46" in table and "broke" not in table
+    refused = harness("list", "methods", "--status", "failed", env=env)
+    assert refused.returncode == 2 and "harness list runs --method" in refused.stderr

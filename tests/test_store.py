@@ -237,6 +237,14 @@ def test_merge_copies_finished_runs_whole_once_and_leaves_running_ones(tmp_path,
     assert len(dest.get_run("done").class_metrics) == 3
 
 
+def test_merge_reads_every_backend(tmp_path, store_url):
+    source = finished_store(store_url)
+    dest = Store(f"sqlite:///{tmp_path / 'results.db'}")
+    assert dest.merge_from(source)["copied"] == 2
+    assert dump(dest, ["done", "broke"]) == dump(source, ["done", "broke"])
+    source.close()
+
+
 def test_merge_is_all_or_nothing(tmp_path, monkeypatch):
     import harness.store as store_mod
 
