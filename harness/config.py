@@ -118,6 +118,9 @@ KIND_NAMES = {int: "an integer", Real: "a number", dict: "a mapping"}
 PREFIX_KEYS = ("train_only", "fresh", "train_mode_only")   # dotted-name prefixes (harness.models.under)
 
 
+UNDOABLE = {"backbone", "generator"}   # the run choices a deviation's `unless` may name
+
+
 def check_recipe(recipe, where: str) -> None:
     """A one-line error for a recipe the engine could not run, before anything is written."""
     if not isinstance(recipe, dict) or not isinstance(recipe.get("stage1"), dict):
@@ -144,6 +147,11 @@ def check_recipe(recipe, where: str) -> None:
         if values["schedule"]["kind"] == "warmup-cosine" and warm >= values["epochs"]:
             raise HarnessError(f"{where}: {stage} warms up for {warm} of its {values['epochs']} epochs; "
                                "give it more epochs")
+    for entry in recipe.get("deviations", []):
+        if not (isinstance(entry, str) or isinstance(entry, dict) and isinstance(entry.get("text"), str)
+                and isinstance(entry.get("unless", {}), dict) and set(entry.get("unless", {})) <= UNDOABLE):
+            raise HarnessError(f"{where}: a deviation is a string or {{text: ..., unless: {{backbone|generator: "
+                               f"value}}}}, got {entry!r}")
     tokens = str(recipe.get("augmentation", "")).split("+")
     unknown = [t for t in tokens if t and t not in AUGMENTATIONS]
     if unknown:
@@ -204,6 +212,11 @@ def resolve(doc: dict, *, method: str, dataset: str, rho: float, seed: int, pres
         recipe["deviations"] = recipe.get("deviations", []) + fallback
     recipe_backbone = recipe.pop("backbone", None)
     check_recipe(recipe, f"{doc['_path']}: {dataset} / {method}")
+    generator = generator or bench.get("generator", "ldam")
+    backbone = backbone or recipe_backbone or bench["backbone"]
+    recipe["deviations"] = deviations_of(recipe, backbone=backbone, generator=generator)
+    if not recipe["deviations"]:
+        del recipe["deviations"]
     scale = presets[preset] or {}
     preset_epochs = scale.get("stage1_epochs") or recipe["stage1"]["epochs"]
     s1 = epochs or scale.get("stage1_epochs")
@@ -216,11 +229,22 @@ def resolve(doc: dict, *, method: str, dataset: str, rho: float, seed: int, pres
         preset = f"{preset}-e{epochs}"  # a custom budget is its own board, never ranked with the preset
     return RunConfig(
         method=method, dataset=dataset, rho=float(rho), seed=int(seed), preset=preset,
-        generator=generator or bench.get("generator", "ldam"),
-        backbone=backbone or recipe_backbone or bench["backbone"],
+        generator=generator, backbone=backbone,
         val_per_class=int(bench.get("val_per_class", 20) if val_per_class is None else val_per_class),
         recipe=recipe,
     )
+
+
+def deviations_of(recipe: dict, **run) -> list[str]:
+    """The recipe's deviations that hold for a run with these choices (backbone, generator):
+    an entry {text, unless: {backbone: resnet34-cifar}} is one the command line can undo."""
+    out = []
+    for entry in recipe.get("deviations", []):
+        if isinstance(entry, str):
+            out.append(entry)
+        elif not any(run.get(key) == value for key, value in entry.get("unless", {}).items()):
+            out.append(entry["text"])
+    return out
 
 
 def describe_stage(stage: dict | None) -> str:
@@ -247,7 +271,8 @@ def recipe_rows(doc: dict, dataset: str | None = None) -> list[list[str]]:
             rows.append([name, method, recipe.get("backbone", bench.get("backbone", "")),
                          describe_stage(recipe.get("stage1")), describe_stage(recipe.get("stage2")),
                          recipe.get("augmentation", bench.get("augmentation", "dataset default")),
-                         per_rho or "—", "; ".join(recipe.get("deviations", [])) or "—"])
+                         per_rho or "—", "; ".join(d if isinstance(d, str) else d["text"]
+                                                  for d in recipe.get("deviations", [])) or "—"])
     return rows
 
 

@@ -95,6 +95,30 @@ def test_a_method_without_a_recipe_says_it_borrows_ces():
     assert r["deviations"] == ["no recipe for 'focal' on imagenet-lt: CE's recipe is used"]
 
 
+def test_a_deviation_the_command_line_undoes_is_dropped_from_that_run():
+    """WB's official code trains a CIFAR ResNet-34 on the first n_c images per class: a run with
+    --backbone resnet34-cifar --generator first no longer claims either difference."""
+    def wb(**choices):
+        return resolve(DOC, method="wb", dataset="cifar100-lt", rho=100, seed=0, preset="paper", **choices)
+
+    default = wb().recipe["deviations"]
+    assert any("ResNet-34" in d for d in default) and any("first n_c" in d for d in default)
+    official = wb(backbone="resnet34-cifar", generator="first").recipe["deviations"]
+    assert official == [d for d in default if "ResNet-34" not in d and "first n_c" not in d]
+    assert len(official) == len(default) - 2
+    assert wb(backbone="resnet34-cifar").config_hash() != wb().config_hash()
+
+
+def test_a_malformed_deviation_is_refused():
+    from harness import HarnessError
+    from harness.config import check_recipe
+
+    good = resolve(DOC, method="ce", dataset="cifar10-lt", rho=100, seed=0, preset="paper").recipe
+    for bad in ([{"unless": {"backbone": "x"}}], [{"text": "t", "unless": {"seed": 0}}], [3]):
+        with pytest.raises(HarnessError, match="a deviation is a string or"):
+            check_recipe({**good, "deviations": bad}, "here")
+
+
 @pytest.mark.parametrize("dataset,rho,epochs,wd,head,tail,augmentation", [
     ("imagenet-lt", 256, 180, 5e-4, 0.3, 0.0, "rrc+flip+jitter"), ("inat2018", 500, 200, 1e-4, 0.3, 0.0, "rrc+flip+jitter"),
     ("places-lt", 996, 90, 5e-4, 0.4, 0.1, "rrc+flip+jitter")])
