@@ -12,7 +12,7 @@ import os
 from datetime import datetime, timezone
 
 from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event,
-                        insert, select)
+                        insert, select, update)
 from sqlalchemy.dialects import mysql
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload
@@ -221,30 +221,24 @@ class Store:
         """Mark as failed the `running` rows of this configuration that started before run
         `completed_by`, which finished it: their process died (kill -9, out of memory) before
         it could say so. Rows started later may be live runs of the same configuration."""
+        error = (f"interrupted; its training was resumed by run {completed_by}" if resumed else
+                 f"interrupted (its process ended without a word); run {completed_by} has since "
+                 "completed this configuration")
         with self.session() as s, s.begin():
-            started = select(Run.started_at).where(Run.id == completed_by).scalar_subquery()
-            rows = s.scalars(select(Run).where(Run.config_hash == config_hash, Run.status == "running",
-                                               Run.id != completed_by, Run.started_at < started)).all()
-            for run in rows:
-                run.status = "failed"
-                run.error = (f"interrupted; its training was resumed by run {completed_by}" if resumed else
-                             f"interrupted (its process ended without a word); run {completed_by} has since "
-                             "completed this configuration")
-                run.finished_at = now()
-            return len(rows)
+            started = s.scalar(select(Run.started_at).where(Run.id == completed_by))
+            ids = s.scalars(select(Run.id).where(Run.config_hash == config_hash, Run.status == "running",
+                                                 Run.id != completed_by, Run.started_at < started)).all()
+            return len(fail_if_running(s, {run_id: error for run_id in ids}))
 
     def fail_dead_trials(self, study: str, trial_numbers: set[int]) -> list[str]:
         """Mark as failed the `running` rows of these trials of `study`, which Optuna found dead
         (their heartbeat stopped): the `harness tune` process training them was killed."""
         with self.session() as s, s.begin():
-            rows = [run for run in s.scalars(select(Run).where(Run.study == study, Run.status == "running"))
-                    if run.extra.get("trial", {}).get("number") in trial_numbers]
-            for run in rows:
-                run.status = "failed"
-                run.error = (f"interrupted: trial {run.extra['trial']['number']}'s heartbeat stopped "
-                             "(its `harness tune` process ended without a word)")
-                run.finished_at = now()
-            return [run.id for run in rows]
+            rows = s.execute(select(Run.id, Run.extra).where(Run.study == study, Run.status == "running")).all()
+            errors = {run_id: f"interrupted: trial {extra['trial']['number']}'s heartbeat stopped "
+                              "(its `harness tune` process ended without a word)"
+                      for run_id, extra in rows if extra.get("trial", {}).get("number") in trial_numbers}
+            return fail_if_running(s, errors)
 
     def same_database(self, other: "Store") -> bool:
         a, b = self.engine.url, other.engine.url
@@ -299,6 +293,22 @@ class Store:
                 query = query.where(getattr(Run, column) == value)
         with self.session() as s:
             return list(s.scalars(query).all())
+
+
+def fail_if_running(session: Session, errors: dict[str, str]) -> list[str]:
+    """Mark these runs failed with their errors, each only if it is still `running`, and return
+    those marked. One UPDATE per row, whose condition the database checks again on the row it
+    locks: a run another process completed since it was read stays completed, where loading the
+    row and writing it back would overwrite the completion (PostgreSQL and MySQL let the other
+    process commit in between; SQLite does not)."""
+    failed = []
+    for run_id, error in errors.items():
+        result = session.execute(update(Run).where(Run.id == run_id, Run.status == "running")
+                                 .values(status="failed", error=error, finished_at=now())
+                                 .execution_options(synchronize_session=False))
+        if result.rowcount:
+            failed.append(run_id)
+    return failed
 
 
 def portable(table, row) -> dict:

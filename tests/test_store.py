@@ -263,3 +263,28 @@ def test_merge_is_all_or_nothing(tmp_path, monkeypatch):
     assert dest.list_runs() == []
     with pytest.raises(HarnessError, match="is the store being merged into"):
         dest.merge_from(Store(f"sqlite:///{tmp_path / '.' / 'results.db'}"))
+
+
+def test_closing_interrupted_rows_never_overwrites_a_run_completed_meanwhile(store_url):
+    """Two processes ran one configuration; the later finished first and closes the earlier's
+    row as dead just as the earlier completes it. On a server both transactions overlap: the
+    completion must survive (loading the row and writing it back lost it)."""
+    from sqlalchemy import event
+
+    if store_url.startswith("sqlite"):
+        pytest.skip("SQLite lets one writer in at a time: nothing completes meanwhile")
+    store, other = Store(store_url), Store(store_url)
+    new_run(store, "slow", config_hash="same")
+    new_run(store, "fast", config_hash="same")
+    fired = []
+
+    def complete_slow_now(conn, cursor, statement, *args):
+        if statement.lstrip().upper().startswith("UPDATE") and not fired:
+            fired.append(statement)
+            other.complete_run("slow", metrics=[GOOD], class_metrics=[], curves=[], extra={}, wall_seconds=1.0,
+                               stage1_cached=False)
+
+    event.listen(store.engine, "before_cursor_execute", complete_slow_now)
+    assert store.close_interrupted("same", completed_by="fast", resumed=False) == 0
+    assert fired and other.get_run("slow").status == "completed"
+    store.close(), other.close()
