@@ -285,6 +285,17 @@ def settle(url: str, name: str, space: list[Dimension], seed: int, store, report
         reclaim_orphans(study, space, name, store, report)
 
 
+def search_number(url: str, name: str, store) -> int:
+    """This search's place among every search of the study (0 for the first), taken under the
+    study's lock. A search samples with seed + its number: searches sharing one seed, parallel
+    or one after another, would each propose the values of the first (its startup draws)."""
+    with store.exclusive(f"harness tune {name}"):
+        study = open_study(url, name, 0)
+        number = study.user_attrs.get("searches", 0)
+        study.set_user_attr("searches", number + 1)
+    return number
+
+
 def run_search(req: TuneRequest, space: list[Dimension], name: str, url: str, report=print):
     """Trials until the study holds `req.trials` finished ones (complete or pruned; those of
     earlier or parallel processes count); returns the study. After each trial, rows of trials
@@ -293,7 +304,9 @@ def run_search(req: TuneRequest, space: list[Dimension], name: str, url: str, re
 
     from harness.store import Store
 
-    study = open_study(url, name, req.run.seeds[0], pruner(req.prune, trial_epochs(req.run)))
+    with Store(url) as store:
+        seed = req.run.seeds[0] + search_number(url, name, store)
+    study = open_study(url, name, seed, pruner(req.prune, trial_epochs(req.run)))
     done = len(finished_trials(study))
     report(f"study {name}: {done} of {req.trials} trials done")
     if done >= req.trials:

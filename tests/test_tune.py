@@ -71,6 +71,8 @@ def test_a_longer_study_keeps_the_trials_it_had(synth):
     again = tune(request(synth, trials=3, final=False), report=lambda line: None)
     after = {r.extra["trial"]["number"]: r.extra["trial"]["params"] for r in trial_runs(synth, again["study"])}
     assert again["study"] == first["study"] and len(after) == 3 and {k: after[k] for k in before} == before
+    # the second search samples anew: with the first's seed it proposed trial 0's values again
+    assert len({tuple(sorted(p.items())) for p in after.values()}) == 3
 
 
 def tune_args(url, trials, *extra):
@@ -117,6 +119,8 @@ def test_two_processes_share_one_study_without_losing_a_trial(tmp_path, store_ur
     complete = {t.number: t.params for t in tune_mod.complete_trials(open_study(store_url, "shared", 0))}
     runs = {r.extra["trial"]["number"]: r.extra["trial"]["params"] for r in trial_runs(store_url, "shared")}
     assert len(complete) >= 4 and runs == complete  # every trial has its run, every run its trial
+    # the two searches draw apart: with one seed each proposed the other's values, every trial twice
+    assert len({tuple(sorted(p.items())) for p in complete.values()}) == len(complete)
 
 
 @pytest.mark.parametrize("change,message", [
