@@ -167,7 +167,7 @@ def open_study(url: str, name: str, seed: int, prune_rule=None):
     try:
         import optuna
     except ImportError:
-        raise HarnessError("harness tune needs Optuna: pip install 'ltr-harness[tune]' (or pip install optuna)") \
+        raise HarnessError("harness tune needs Optuna, a dependency of ltr-harness: pip install optuna") \
             from None
     from sqlalchemy.exc import SQLAlchemyError
 
