@@ -137,8 +137,8 @@ class Store:
         try:
             kwargs = {"connect_args": {"timeout": 30}} if self.url.startswith("sqlite") else {}
             self.engine = create_engine(self.url, **kwargs)
-            path = self.engine.url.database if self.url.startswith("sqlite") else None
-            if not create and path and path != ":memory:" and not os.path.exists(path):
+            path = self.sqlite_file
+            if not create and path and not os.path.exists(path):
                 raise HarnessError(f"no results store at {path}; {NO_STORE_FIX}")
             if self.url.startswith("sqlite"):
                 event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -174,14 +174,13 @@ class Store:
         (harness.locks), or a lock file beside a SQLite database (`results.db-lock`, one for
         every name: coarser, never wrong)."""
         if self.engine.dialect.name == "sqlite":
-            path = self.engine.url.database
-            if not path or path == ":memory:":   # no other process can see this store
+            if self.sqlite_file is None:   # in memory: no other process can see this store
                 yield
                 return
             from filelock import FileLock
 
             # a lock on a file of its own: a lock inside the database would block its writers
-            with FileLock(f"{path}-lock"):
+            with FileLock(f"{self.sqlite_file}-lock"):
                 yield
             return
         with self.engine.connect() as conn, server_lock(conn, name) as held:
@@ -240,10 +239,18 @@ class Store:
                       for run_id, extra in rows if extra.get("trial", {}).get("number") in trial_numbers}
             return fail_if_running(s, errors)
 
+    @property
+    def sqlite_file(self) -> str | None:
+        """The file of a SQLite store; None in memory or on a server."""
+        url = self.engine.url
+        return url.database if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
+            else None
+
     def same_database(self, other: "Store") -> bool:
         a, b = self.engine.url, other.engine.url
-        if a.get_backend_name() == b.get_backend_name() == "sqlite":
-            return bool(a.database) and os.path.realpath(a.database) == os.path.realpath(b.database or "")
+        if a.get_backend_name() == b.get_backend_name() == "sqlite":   # two in-memory stores are two stores
+            return self.sqlite_file is not None and other.sqlite_file is not None and \
+                os.path.realpath(self.sqlite_file) == os.path.realpath(other.sqlite_file)
         return (a.get_backend_name(), a.host, a.port, a.database) == (b.get_backend_name(), b.host, b.port, b.database)
 
     def merge_from(self, source: "Store", chunk: int = 200) -> dict[str, int]:

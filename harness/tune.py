@@ -274,12 +274,17 @@ def close_dead_trials(study, name: str, store, report=print) -> None:
         report(f"run {run_id}: its trial's process died mid-training; marked failed")
 
 
+def study_lock(store, name: str):
+    """The lock under which processes working on study `name` take turns (settle, search_number)."""
+    return store.exclusive(f"harness tune {name}")
+
+
 def settle(url: str, name: str, space: list[Dimension], seed: int, store, report=print) -> None:
     """Settle what killed `harness tune` processes left of the study before this one searches,
     under the study's lock, so that processes starting together settle each thing once: dead
     trials and their rows fail (`close_dead_trials`); runs that completed unrecorded are added
     back (`reclaim_orphans`)."""
-    with store.exclusive(f"harness tune {name}"):
+    with study_lock(store, name):
         study = open_study(url, name, seed)
         close_dead_trials(study, name, store, report)
         reclaim_orphans(study, space, name, store, report)
@@ -289,7 +294,7 @@ def search_number(url: str, name: str, store) -> int:
     """This search's place among every search of the study (0 for the first), taken under the
     study's lock. A search samples with seed + its number: searches sharing one seed, parallel
     or one after another, would each propose the values of the first (its startup draws)."""
-    with store.exclusive(f"harness tune {name}"):
+    with study_lock(store, name):
         study = open_study(url, name, 0)
         number = study.user_attrs.get("searches", 0)
         study.set_user_attr("searches", number + 1)
