@@ -291,10 +291,15 @@ def list_(what: str, db: str | None, names: bool, dataset: str | None, method: s
         if names:
             click.echo("\n".join(r.id for r in runs))
             return
+        from harness.provenance import process_gone
+
         for r in runs:
             top1 = next((m.top1 for m in r.metrics if m.split == "test" and m.group == "all"), None) \
                 if r.status == "completed" else None
-            rows.append([r.id, r.method, r.dataset, f"{r.rho:g}", r.seed, r.preset, r.status, fmt(top1),
+            # read-only here: the next `harness run` on this machine marks such a row failed
+            status = "running (process gone)" if r.status == "running" and process_gone(r.extra.get("process")) \
+                else r.status
+            rows.append([r.id, r.method, r.dataset, f"{r.rho:g}", r.seed, r.preset, status, fmt(top1),
                          r.started_at.strftime("%Y-%m-%d %H:%M")])
         click.echo(tabulate(rows, headers=["run", "method", "dataset", "rho", "seed", "preset", "status", "top-1",
                                            "started"], tablefmt="github", disable_numparse=True))

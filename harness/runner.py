@@ -27,7 +27,7 @@ from harness.engine import (DeviceData, Trainer, TrainSpec, device_name, fit_man
                             train)
 from harness.method import Method, RunContext
 from harness.models import build_model, check_backbone, head_weight, reinitialise, under
-from harness.provenance import git_commit, package_versions
+from harness.provenance import git_commit, package_versions, this_process
 from harness.registry import DATASETS, METHODS
 from harness.store import Run, Store, now
 
@@ -136,7 +136,11 @@ def execute(req: RunRequest) -> list[RunResult]:
     # torchrun only rank 0 writes (the others train their shards and evaluate alike)
     store = Store(req.db) if rank == 0 else None
     where = device_name(device) if world_size == 1 else f"{world_size} x {device_name(device)} (torchrun)"
+    if store:
+        for run_id in store.fail_dead_runs():
+            print(f"run {run_id} was still `running`, but its process is gone: marked failed", file=sys.stderr)
     for job in jobs if store else []:
+        job.ctx.extra["process"] = this_process()
         store.start_run(Run(
             id=job.run_id, method=job.cfg.method, dataset=job.cfg.dataset, rho=job.cfg.rho,
             backbone=job.cfg.backbone, seed=job.cfg.seed, generator=job.cfg.generator, preset=job.cfg.preset,

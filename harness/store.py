@@ -205,6 +205,7 @@ class Store:
             run.wall_seconds = wall_seconds
             run.stage1_cached = int(stage1_cached)
             run.status = "completed"
+            run.error = run.failed_epoch = None   # a row closed as dead that was alive after all
             run.finished_at = now()
 
     def fail_run(self, run_id: str, error: str, wall_seconds: float, failed_epoch: int | None = None) -> None:
@@ -228,6 +229,20 @@ class Store:
             ids = s.scalars(select(Run.id).where(Run.config_hash == config_hash, Run.status == "running",
                                                  Run.id != completed_by, Run.started_at < started)).all()
             return len(fail_if_running(s, {run_id: error for run_id in ids}))
+
+    def fail_dead_runs(self) -> list[str]:
+        """Mark as failed the `running` rows whose process, on this machine, is known to have
+        ended (`provenance.process_gone`: killed, out of memory, rebooted) and return them: a
+        configuration nobody runs again would otherwise stay `running` for ever. Rows of other
+        machines' processes are left to those machines."""
+        from harness.provenance import process_gone
+
+        with self.session() as s, s.begin():
+            rows = s.execute(select(Run.id, Run.extra).where(Run.status == "running")).all()
+            errors = {run_id: f"interrupted: its process (pid {extra['process']['pid']} on "
+                              f"{extra['process']['host']}) ended without a word"
+                      for run_id, extra in rows if process_gone((extra or {}).get("process"))}
+            return fail_if_running(s, errors)
 
     def fail_dead_trials(self, study: str, trial_numbers: set[int]) -> list[str]:
         """Mark as failed the `running` rows of these trials of `study`, which Optuna found dead

@@ -108,6 +108,10 @@ def test_kill_9_mid_run_then_rerun_gives_the_uninterrupted_numbers(tmp_path):
     crash_store = Store(f"sqlite:///{tmp_path / 'crash'}.db")
     [dead] = crash_store.list_runs()
     assert dead.status == "running" and not dead.metrics  # no half result
+    assert dead.extra["process"]["pid"] == victim.pid
+    listed = subprocess.run([sys.executable, "-m", "harness.cli", "list", "runs"], env=env_for("crash"), cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert "running (process gone)" in listed.stdout, listed.stdout + listed.stderr
 
     rerun = subprocess.run(args, env=env_for("crash"), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
@@ -119,7 +123,9 @@ def test_kill_9_mid_run_then_rerun_gives_the_uninterrupted_numbers(tmp_path):
     runs = {r.id: r for r in crash_store.list_runs()}
     resumed = next(r for r in runs.values() if r.id != dead.id)
     assert resumed.status == "completed" and 1 <= resumed.extra["stage1_resumed_from_epoch"] < 150
-    assert runs[dead.id].status == "failed" and resumed.id in runs[dead.id].error
+    # the rerun found the row's process gone before it started: it closed the row first
+    assert f"run {dead.id} was still `running`, but its process is gone" in rerun.stderr
+    assert runs[dead.id].status == "failed" and f"pid {victim.pid} on" in runs[dead.id].error
     [reference] = Store(f"sqlite:///{tmp_path / 'clean'}.db").list_runs()
     full_resumed, full_reference = crash_store.get_run(resumed.id), Store(
         f"sqlite:///{tmp_path / 'clean'}.db").get_run(reference.id)

@@ -1,6 +1,8 @@
 """The results store on every backend (SQLite always; PostgreSQL and MySQL/MariaDB where a
 server is given)."""
 import multiprocessing as mp
+import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 
@@ -13,15 +15,16 @@ from sqlalchemy import create_engine, text
 from bench.store_concurrency import open_at, ready, writer
 from harness import HarnessError
 from harness.migrate import VERSION_TABLE, alembic_config, head_revision, upgrade
+from harness.provenance import this_process
 from harness.runner import RunRequest, execute
 from harness.store import Base, Run, Store, now
 
 
-def new_run(store, rid, config_hash="h", status="running", started_at=None):
+def new_run(store, rid, config_hash="h", status="running", started_at=None, extra=None):
     store.start_run(Run(id=rid, method="ce", dataset="synth-lt", rho=100, backbone="b", seed=0, generator="ldam",
                         preset="quick", config={"nested": {"lr": 0.1}}, config_hash=config_hash, status=status,
                         started_at=started_at or now(), device="cpu", git_commit="x", versions={},
-                        data_checksum="c", extra={}))
+                        data_checksum="c", extra=extra or {}))
 
 
 GOOD = {"split": "test", "group": "all", "top1": 50.0, "error": 50.0, "n_classes": 6}
@@ -79,6 +82,35 @@ def test_failed_run_keeps_reason_and_epoch_and_interrupted_rows_are_closed(store
     assert store.close_interrupted("same", completed_by="rerun", resumed=False) == 2
     rows = {r.id: r for r in store.list_runs()}
     assert rows["later"].status == "failed" and "run rerun has since completed" in rows["later"].error
+
+
+def test_rows_whose_process_on_this_machine_is_gone_are_closed_and_no_others(store_url):
+    """A `running` row whose process died (kill -9, out of memory, a reboot) and whose
+    configuration nobody completes again is closed by the next harness process on its machine;
+    a live process's row, another machine's and a row from before processes were recorded stay."""
+    store = Store(store_url)
+    me = this_process()
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    new_run(store, "alive", extra={"process": me})
+    new_run(store, "killed", extra={"process": {**me, "pid": ended.pid}})
+    new_run(store, "pid-reused", extra={"process": {**me, "start": me["start"] - 1}})   # our pid, another start
+    new_run(store, "rebooted", extra={"process": {**me, "boot": "an earlier boot"}})
+    new_run(store, "elsewhere", extra={"process": {**me, "host": "another-machine", "pid": ended.pid}})
+    new_run(store, "before-processes-were-recorded")
+    new_run(store, "done", status="completed", extra={"process": {**me, "pid": ended.pid}})
+    assert sorted(store.fail_dead_runs()) == ["killed", "pid-reused", "rebooted"]
+    rows = {r.id: r for r in store.list_runs()}
+    assert {i for i, r in rows.items() if r.status == "running"} == {"alive", "elsewhere",
+                                                                     "before-processes-were-recorded"}
+    assert f"pid {ended.pid} on {me['host']}) ended without a word" in rows["killed"].error
+    assert rows["done"].status == "completed" and store.fail_dead_runs() == []
+    # a row closed as dead that completes after all (another container under the same host
+    # name) is a completed row, with no error left on it
+    store.complete_run("pid-reused", metrics=[GOOD], class_metrics=[], curves=[], extra={}, wall_seconds=1.0,
+                       stage1_cached=False)
+    row = store.get_run("pid-reused")
+    assert row.status == "completed" and row.error is None
 
 
 def test_a_store_from_before_migrations_is_refused_then_upgraded(store_url):
