@@ -29,7 +29,7 @@ from harness.method import Method, RunContext
 from harness.models import build_model, check_backbone, head_weight, reinitialise, under
 from harness.provenance import git_commit, package_versions, this_process
 from harness.registry import DATASETS, METHODS
-from harness.store import Run, Store, now
+from harness.store import ClassMetric, Run, Store, now
 
 
 @dataclass
@@ -129,6 +129,7 @@ def execute(req: RunRequest) -> list[RunResult]:
         raise HarnessError(f"data root {root} is not a directory; pass --data-root DIR or set HARNESS_DATA_ROOT")
     cache = check_cache_root(cache_root(req.cache_dir))
     data = spec.build(cfg0.rho, cfg0.generator, cfg0.val_per_class, root, req.download, cache)
+    check_class_names(data.class_names)
     checksum = data.checksum()
     ddata = spec.device_data(data, device, cfg0.recipe)
     jobs = [plan_job(method, cfg, spec, data, ddata, checksum, cache, req.extra) for method, _, cfg in prepared]
@@ -138,7 +139,7 @@ def execute(req: RunRequest) -> list[RunResult]:
     where = device_name(device) if world_size == 1 else f"{world_size} x {device_name(device)} (torchrun)"
     if store:
         for run_id in store.fail_dead_runs():
-            print(f"run {run_id} was still `running`, but its process is gone: marked failed", file=sys.stderr)
+            announce(f"run {run_id} was still `running`, but its process is gone: marked failed")
     for job in jobs if store else []:
         job.ctx.extra["process"] = this_process()
         store.start_run(Run(
@@ -180,6 +181,16 @@ class Job:
     @property
     def stage2_key(self) -> str:   # names stage 2's epoch checkpoints: stage-1 identity + full config
         return f"{self.key}-{self.cfg.config_hash()}-stage2"
+
+
+def check_class_names(names: list[str]) -> None:
+    """Before training, not at the run's completion, where the store (PostgreSQL, MySQL; SQLite
+    would take it) refused a longer name and the training was lost."""
+    limit = ClassMetric.class_name.type.length
+    for name in names:
+        if len(name) > limit:
+            raise HarnessError(f"class name {name[:40]!r}... is {len(name)} characters; the results store keeps "
+                               f"up to {limit}: rename that class folder")
 
 
 def titles(method: Method, spec) -> dict:

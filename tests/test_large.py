@@ -179,6 +179,22 @@ def test_folder_lt_natural_and_cut_to_a_ratio(large, tmp_path):
     assert FOLDER_LT.workers >= 1  # this spec decodes in DataLoader worker processes
 
 
+def test_a_class_name_the_store_cannot_keep_is_refused_before_training(large, tmp_path):
+    """PostgreSQL and MySQL refuse a class name longer than the column when the run completes,
+    which lost the training; every store now refuses it up front, and nothing is written."""
+    root = folder_tree(tmp_path / "folder", [6, 3])
+    long_name = "x" * 129
+    for split in ("train", "test"):
+        (root / split / "class1").rename(root / split / long_name)
+    with pytest.raises(HarnessError, match="is 129 characters; the results store keeps up to 128: rename"):
+        run("ce", root, dataset="folder-lt")
+    assert not (tmp_path / "results.db").exists()
+    for split in ("train", "test"):
+        (root / split / long_name).rename(root / split / long_name[:128])
+    [res] = run("ce", root, dataset="folder-lt")
+    assert long_name[:128] in [c.class_name for c in Store(large[1]).get_run(res.run_id).class_metrics]
+
+
 def test_pretrained_weights_are_never_downloaded(tmp_path, monkeypatch):
     from harness.models import build_model
 
