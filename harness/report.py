@@ -40,50 +40,69 @@ PLOT_ORDER = (PER_CLASS, WEIGHT_NORMS, TAU_SWEEP, TUNING)
 
 # ---------------------------------------------------------------- loading
 
+def counted_runs():
+    """The runs the boards count, as a subquery of their ids, board keys and setups: completed,
+    no trials, and of a seed run again on one setup (a fixed recipe, a rerun) only its latest.
+    The tables, the per-class plots and the τ sweep all read these, so a plot never averages in
+    a superseded run or another setup's. Recipe fields come out of the stored config by SQL JSON
+    paths, which SQLite, PostgreSQL and MySQL all evaluate; a run that recorded no augmentation
+    trained with the default."""
+    epochs = Run.config[("recipe", "stage1", "epochs")].as_integer()
+    augmentation = func.coalesce(Run.config[("recipe", "augmentation")].as_string(), DEFAULT_AUGMENTATION)
+    newest_first = func.row_number().over(
+        partition_by=[Run.dataset, Run.rho, Run.preset, Run.method, Run.backbone, Run.generator, epochs,
+                      augmentation, Run.seed],
+        order_by=[Run.finished_at.desc(), Run.id.desc()])
+    runs = select(Run.id, Run.dataset, Run.rho, Run.preset, Run.method, Run.backbone, Run.generator,
+                  epochs.label("epochs"), augmentation.label("augmentation"),
+                  newest_first.label("newest_first")).where(RANKED).subquery()
+    return select(runs).where(runs.c.newest_first == 1).subquery("counted")
+
+
 def load_results(store: Store) -> pd.DataFrame:
-    """One row per ranked run: its setup, test top-1 per shot group (top1_all ... top1_few) and
-    compute, in one query; recipe fields come out of the stored config by SQL JSON paths,
-    which SQLite and PostgreSQL both evaluate."""
+    """One row per counted run: its setup, test top-1 per shot group (top1_all ... top1_few) and
+    compute, in one query."""
+    counted = counted_runs()
     top1 = [func.max(case((Metric.group == g, Metric.top1))).label(f"top1_{g}") for g in GROUPS]
     query = (select(Run.id, Run.method, Run.dataset, Run.rho, Run.backbone, Run.generator, Run.seed, Run.preset,
                     Run.finished_at, Run.wall_seconds, Run.device, Run.git_commit, Run.stage1_cached,
-                    Run.config[("recipe", "stage1", "epochs")].as_integer().label("epochs"),
-                    Run.config[("recipe", "augmentation")].as_string().label("augmentation"),
+                    counted.c.epochs, counted.c.augmentation,
                     Run.extra["stage1_seconds"].as_float().label("stage1_seconds"), *top1)
+             .join(counted, counted.c.id == Run.id)
              .outerjoin(Metric, and_(Metric.run_id == Run.id, Metric.split == "test"))
-             .where(RANKED).group_by(Run.id))
+             .group_by(Run.id, counted.c.epochs, counted.c.augmentation))
     with store.engine.connect() as con:
         df = pd.read_sql(query, con)
     if df.empty:
         return df
     df["epochs"] = df["epochs"].astype("Int64")
-    df["augmentation"] = df["augmentation"].fillna(DEFAULT_AUGMENTATION)
     # compute spent on this result: its own wall time plus a reused stage 1's
     reused = df["stage1_seconds"].fillna(0.0).where(df["stage1_cached"] == 1, 0.0)
     df["minutes"] = (df["wall_seconds"].fillna(0) + reused) / 60.0
     df["gpu"] = df["device"].str.contains("cuda|nvidia|NVIDIA|H100|A100", regex=True)
     df["finished_at"] = pd.to_datetime(df["finished_at"], utc=True)
-    # a seed run again on the same setup (a fixed recipe, a re-run) counts once: its latest run
-    return df.sort_values("finished_at", kind="stable").drop_duplicates(BOARD_KEY + ROW_KEY + ["seed"], keep="last")
+    return df.sort_values("finished_at", kind="stable").reset_index(drop=True)
 
 
 def load_class_means(store: Store) -> pd.DataFrame:
-    """Per board, method and class: the training count and, averaged over seeds in SQL, test
-    accuracy and classifier weight norm."""
-    keys = (Run.dataset, Run.rho, Run.preset, Run.method, ClassMetric.class_index)
+    """Per board, method, setup and class: the training count and, averaged in SQL over the
+    counted runs' seeds, test accuracy and classifier weight norm."""
+    counted = counted_runs()
+    keys = (*(counted.c[k] for k in BOARD_KEY + ROW_KEY), ClassMetric.class_index)
     query = (select(*keys, func.min(ClassMetric.train_count).label("train_count"),
                     func.avg(ClassMetric.accuracy).label("accuracy"),
                     func.avg(ClassMetric.weight_norm).label("weight_norm"))
-             .join(Run, Run.id == ClassMetric.run_id).where(RANKED).group_by(*keys).order_by(*keys))
+             .join(counted, counted.c.id == ClassMetric.run_id).group_by(*keys).order_by(*keys))
     with store.engine.connect() as con:
         return pd.read_sql(query, con)
 
 
 def load_tau_sweeps(store: Store) -> pd.DataFrame:
-    """Per board, the τ sweep (split, group, τ -> accuracy) averaged over its runs."""
-    keys = (Run.dataset, Run.rho, Run.preset, CurvePoint.split, CurvePoint.group, CurvePoint.x)
+    """Per board and setup, the τ sweep (split, group, τ -> accuracy) averaged over its counted runs."""
+    counted = counted_runs()
+    keys = (*(counted.c[k] for k in BOARD_KEY + ROW_KEY), CurvePoint.split, CurvePoint.group, CurvePoint.x)
     query = (select(*keys, func.avg(CurvePoint.value).label("value"))
-             .join(Run, Run.id == CurvePoint.run_id).where(RANKED, CurvePoint.kind == "tau_sweep")
+             .join(counted, counted.c.id == CurvePoint.run_id).where(CurvePoint.kind == "tau_sweep")
              .group_by(*keys).order_by(*keys))
     with store.engine.connect() as con:
         return pd.read_sql(query, con)
@@ -308,16 +327,27 @@ def start_plots(store: Store, studies: dict[tuple, list[Study]], cache: PlotCach
     """Every board's plots, keyed (board key, plot name); those not cached start drawing now."""
     jobs = {}
     for key, g in load_class_means(store).groupby(BOARD_KEY, sort=False):
-        jobs[key, PER_CLASS] = PlotJob(PER_CLASS, g[["method", "train_count", "accuracy"]].reset_index(drop=True))
+        g = g.assign(line=[f"{method} ({setup})" if setup else method
+                           for method, setup in zip(g["method"], setup_names(g))])
+        jobs[key, PER_CLASS] = PlotJob(PER_CLASS, g[["line", "train_count", "accuracy"]].reset_index(drop=True))
         jobs[key, WEIGHT_NORMS] = PlotJob(WEIGHT_NORMS,
-                                          g[["method", "class_index", "weight_norm"]].reset_index(drop=True))
+                                          g[["line", "class_index", "weight_norm"]].reset_index(drop=True))
     for key, g in load_tau_sweeps(store).groupby(BOARD_KEY, sort=False):
-        jobs[key, TAU_SWEEP] = PlotJob(TAU_SWEEP, g[["split", "group", "x", "value"]].reset_index(drop=True))
+        g = g.assign(setup=setup_names(g))
+        jobs[key, TAU_SWEEP] = PlotJob(TAU_SWEEP, g[["setup", "split", "group", "x", "value"]].reset_index(drop=True))
     for key, board_studies in studies.items():
         trials = pd.concat([s.trials.assign(study=s.name) for s in board_studies], ignore_index=True)
         if not trials.empty:
             jobs[key, TUNING] = PlotJob(TUNING, trials[["study", "number", "objective"]])
     return Rendering(jobs, cache)
+
+
+def setup_names(rows: pd.DataFrame) -> list[str]:
+    """Per row of a board's plot data, its setup as the plot names it: the setup fields in which
+    the board's setups of that method differ ("" where the board has the method on one setup)."""
+    setups = rows[["method", *MATCHED]].astype(object)
+    varying = {method: [f for f in MATCHED if s[f].nunique(dropna=False) > 1] for method, s in setups.groupby("method")}
+    return [", ".join(f"{f} {readable(r[f])}" for f in varying[r["method"]]) for _, r in setups.iterrows()]
 
 
 def attach_plots(boards: list[Board], rendering: Rendering) -> None:

@@ -32,7 +32,7 @@ TUNING = "Hyper-parameter search"
 DPI = 110
 WIDTH, AXES_HEIGHT = 6.4, 2.55                      # inches; the page shows plots 560 px wide
 LEFT, RIGHT, TOP, BOTTOM = 0.7, 0.2, 0.5, 0.62     # inches around the axes, before the legend
-LEGEND_ROW = 0.2                                     # inches per row of legend entries
+LEGEND_ROW, LEGEND_FONT = 0.2, 7                     # inches per row of legend entries; points
 GROUP_COLOURS = {"all": "#222", "many": "#1f77b4", "medium": "#ff7f0e", "few": "#d62728"}
 
 # what decides a plot's pixels besides its data: this file, matplotlib (with its fonts) and Pillow
@@ -55,9 +55,9 @@ class PlotJob:
 # ---------------------------------------------------------------- drawings
 
 def draw_per_class(ax, data: pd.DataFrame) -> None:
-    for method, g in data.groupby("method"):
+    for line, g in data.groupby("line"):
         g = g.sort_values("train_count", ascending=False)
-        ax.plot(g["train_count"], g["accuracy"], marker="o", ms=3, lw=1.2, label=method)
+        ax.plot(g["train_count"], g["accuracy"], marker="o", ms=3, lw=1.2, label=line)
     ax.set_xscale("log")
     plain_log_ticks(ax.xaxis)
     ax.set_xlabel("training images of the class (log)")
@@ -71,24 +71,30 @@ def draw_per_class(ax, data: pd.DataFrame) -> None:
 
 
 def draw_weight_norms(ax, data: pd.DataFrame) -> None:
-    for method, g in data.groupby("method"):
+    for line, g in data.groupby("line"):
         g = g.sort_values("class_index")
-        ax.plot(g["class_index"], g["weight_norm"], marker=".", ms=3, lw=1.2, label=method)
+        ax.plot(g["class_index"], g["weight_norm"], marker=".", ms=3, lw=1.2, label=line)
     ax.set_xlabel("class index (head → tail)")
     ax.set_ylabel("‖w_c‖ of the final classifier")
     ax.set_title("Classifier weight norm per class", y=1.0)
 
 
 def draw_tau_sweep(ax, data: pd.DataFrame) -> None:
-    for (split, group), g in data.groupby(["split", "group"]):
-        ax.plot(g["x"], g["value"], lw=2.0 if group == "all" else 1.2, color=GROUP_COLOURS.get(group),
-                ls="-" if split == "test" else "--", label=f"{split} {group}")
-    val_all = data[(data["split"] == "val") & (data["group"] == "all")]
-    if not val_all.empty:
-        best = float(val_all.loc[val_all["value"].idxmax(), "x"])
-        ax.axvline(best, color="#888", lw=0.8, ls=":")
-        ax.text(best, 1.0, f" τ = {best:g} (val)", transform=ax.get_xaxis_transform(), fontsize=7,
-                color="#555", va="bottom")
+    """Every shot group's sweep; where the board has τ-norm on several setups, the all-classes
+    sweep of each, in a colour of its own (the setups' groups in one colour each would read as one)."""
+    several = data["setup"].nunique() > 1
+    for i, (setup, s) in enumerate(data.groupby("setup", sort=False)):
+        colour = f"C{i}" if several else None   # the colour cycle's
+        for (split, group), g in s[s["group"] == "all"].groupby(["split", "group"]) if several else \
+                s.groupby(["split", "group"]):
+            ax.plot(g["x"], g["value"], lw=2.0 if group == "all" else 1.2, color=colour or GROUP_COLOURS.get(group),
+                    ls="-" if split == "test" else "--", label=f"{split} {group}" + (f" ({setup})" if several else ""))
+        val_all = s[(s["split"] == "val") & (s["group"] == "all")]
+        if not val_all.empty:
+            best = float(val_all.loc[val_all["value"].idxmax(), "x"])
+            ax.axvline(best, color=colour or "#888", lw=0.8, ls=":")
+            ax.text(best, 1.0, f" τ = {best:g} (val)", transform=ax.get_xaxis_transform(), fontsize=7,
+                    color=colour or "#555", va="bottom")
     ax.set_xlabel("τ")
     ax.set_ylabel("accuracy (%)")
     ax.set_title("τ-norm sweep: solid test, dashed val", y=1.0, pad=14)
@@ -133,15 +139,32 @@ def render_png(job: PlotJob) -> bytes:
         draw, columns = DRAWINGS[job.kind]
         draw(ax, job.data)
         handles, labels = ax.get_legend_handles_labels()
+        fig.set_size_inches(WIDTH, TOP + AXES_HEIGHT + BOTTOM)
+        columns = fitting_columns(fig, handles, labels, columns)
         legend_height = LEGEND_ROW * math.ceil(len(labels) / columns)
         height = TOP + AXES_HEIGHT + BOTTOM + legend_height
         fig.set_size_inches(WIDTH, height)
         fig.subplots_adjust(left=LEFT / WIDTH, right=1 - RIGHT / WIDTH, top=1 - TOP / height,
                             bottom=(BOTTOM + legend_height) / height)
         if labels:
-            fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=7, frameon=False,
+            fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=LEGEND_FONT, frameon=False,
                        bbox_to_anchor=(0.5, 0.06 / height))
         return png_of(fig)
+
+
+def fitting_columns(fig, handles, labels, most: int) -> int:
+    """The most legend columns, up to `most`, that fit across the figure: long entries (a method
+    on two setups) would run off both edges. One text layout where they fit, no draw."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    for columns in range(min(most, len(labels)), 1, -1):
+        trial = fig.legend(handles, labels, ncol=columns, fontsize=LEGEND_FONT, frameon=False)
+        fits = trial.get_window_extent(renderer).width <= fig.bbox.width
+        trial.remove()
+        if fits:
+            return columns
+    return 1
 
 
 def png_of(fig) -> bytes:

@@ -43,10 +43,10 @@ EVIL = "<script>alert(1)</script>"
 
 
 def add_run(store, run_id, method, seed, top1, preset="paper", groups=None, device="cpu (2 threads)",
-            config=None, study=None, extra=None, val_top1=None):
+            config=None, study=None, extra=None, val_top1=None, backbone="resnet32", curves=()):
     groups = groups or {"many": top1 + 5, "medium": None, "few": None}  # CIFAR-10-LT rho 10: all many
     config = config or (QUICK_RECIPE if preset == "quick" else PAPER_RECIPE)
-    store.start_run(Run(id=run_id, method=method, dataset="cifar10-lt", rho=10.0, backbone="resnet32", seed=seed,
+    store.start_run(Run(id=run_id, method=method, dataset="cifar10-lt", rho=10.0, backbone=backbone, seed=seed,
                         generator="ldam", preset=preset, config=config, config_hash=run_id, status="running",
                         started_at=now(), device=device, git_commit="abcdef1234", versions={},
                         data_checksum="x", extra={}, study=study))
@@ -57,7 +57,7 @@ def add_run(store, run_id, method, seed, top1, preset="paper", groups=None, devi
         metrics.append({"split": "val", "group": "all", "top1": val_top1, "error": 100 - val_top1, "n_classes": 10})
     classes = [{"class_index": c, "class_name": f"k{c}", "train_count": 5000 // (c + 1), "accuracy": top1,
                 "weight_norm": 1.0 + c} for c in range(10)]
-    store.complete_run(run_id, metrics=metrics, class_metrics=classes, curves=[], extra=extra or {},
+    store.complete_run(run_id, metrics=metrics, class_metrics=classes, curves=list(curves), extra=extra or {},
                        wall_seconds=120.0, stage1_cached=False)
 
 
@@ -415,6 +415,54 @@ def test_a_seed_run_again_counts_once_with_its_latest_result(tmp_path, bench):
     [board] = rep.build_boards(store, bench, plots=False)
     row = board.rows.set_index("method").loc["ce"]
     assert row["n"] == 2 and row["all_mean"] == pytest.approx(85.0)
+
+
+def sweep(value):
+    return [{"kind": "tau_sweep", "x": x, "split": "test", "group": "all", "value": value + x} for x in (0.0, 1.0)]
+
+
+def test_plots_average_the_runs_the_table_counts_each_setup_apart_on_every_backend(store_url, bench):
+    """A seed run again counts once in the plots too, with its latest result, and a method on
+    two setups is two lines, named by what differs: averaging them would plot a run nobody made."""
+    store = Store(store_url)
+    add_run(store, "old", "tau_norm", 0, 10.0, curves=sweep(10.0))      # superseded by "new"
+    add_run(store, "new", "tau_norm", 0, 80.0, curves=sweep(80.0))
+    add_run(store, "other", "tau_norm", 1, 90.0, curves=sweep(90.0))
+    add_run(store, "deep", "tau_norm", 0, 40.0, backbone="resnet34-cifar", curves=sweep(40.0))
+    add_run(store, "ce", "ce", 0, 70.0)
+    results = rep.load_results(store)
+    assert sorted(results["id"]) == ["ce", "deep", "new", "other"]
+    means = rep.load_class_means(store)
+    means = means.assign(setup=rep.setup_names(means)).groupby(["method", "setup"])["accuracy"].mean()
+    assert means.to_dict() == {("ce", ""): 70.0, ("tau_norm", "backbone resnet32"): 85.0,
+                               ("tau_norm", "backbone resnet34-cifar"): 40.0}
+    sweeps = rep.load_tau_sweeps(store)
+    sweeps = sweeps.assign(setup=rep.setup_names(sweeps))
+    assert sweeps[["setup", "x", "value"]].values.tolist() == [["backbone resnet32", 0.0, 85.0],
+                                                               ["backbone resnet32", 1.0, 86.0],
+                                                               ["backbone resnet34-cifar", 0.0, 40.0],
+                                                               ["backbone resnet34-cifar", 1.0, 41.0]]
+    [board] = rep.build_boards(store, bench, plots=False)   # the table counts the same runs
+    tau = board.rows[board.rows["method"] == "tau_norm"].set_index("backbone")
+    assert tau[["n", "all_mean"]].to_dict("index") == {"resnet32": {"n": 2, "all_mean": 85.0},
+                                                       "resnet34-cifar": {"n": 1, "all_mean": 40.0}}
+
+
+def test_a_legend_of_long_entries_gets_the_columns_that_fit_across_the_plot():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from harness.report_plots import WIDTH, fitting_columns
+
+    fig = Figure(figsize=(WIDTH, 4), dpi=110)
+    ax = fig.add_subplot()
+    short = [ax.plot([0, 1], [0, 1], label=name)[0] for name in ["ce", "balanced_softmax", "wb", "crt", "lws", "ncm"]]
+    assert fitting_columns(fig, short, [h.get_label() for h in short], 6) == 6
+    long = [ax.plot([0, 1], [0, 1], label=f"val all (backbone resnet34-cifar, epochs {e})")[0] for e in range(4)]
+    columns = fitting_columns(fig, long, [h.get_label() for h in long], 4)
+    assert 1 <= columns < 4
+    legend = fig.legend(long, [h.get_label() for h in long], ncol=columns, fontsize=7)
+    assert legend.get_window_extent(FigureCanvasAgg(fig).get_renderer()).width <= fig.bbox.width
 
 
 def test_titles_come_from_the_runs_without_importing_plugins(tmp_path, bench, monkeypatch):
