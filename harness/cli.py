@@ -291,18 +291,22 @@ def list_(what: str, db: str | None, names: bool, dataset: str | None, method: s
         if names:
             click.echo("\n".join(r.id for r in runs))
             return
-        from harness.provenance import process_gone
-
         for r in runs:
             top1 = next((m.top1 for m in r.metrics if m.split == "test" and m.group == "all"), None) \
                 if r.status == "completed" else None
-            # read-only here: the next `harness run` on this machine marks such a row failed
-            status = "running (process gone)" if r.status == "running" and process_gone(r.extra.get("process")) \
-                else r.status
-            rows.append([r.id, r.method, r.dataset, f"{r.rho:g}", r.seed, r.preset, status, fmt(top1),
+            rows.append([r.id, r.method, r.dataset, f"{r.rho:g}", r.seed, r.preset, status_of(r), fmt(top1),
                          r.started_at.strftime("%Y-%m-%d %H:%M")])
         click.echo(tabulate(rows, headers=["run", "method", "dataset", "rho", "seed", "preset", "status", "top-1",
                                            "started"], tablefmt="github", disable_numparse=True))
+
+
+def status_of(run) -> str:
+    """A run's status as listed: a `running` row whose process on this machine is gone says so
+    (read-only here; the next `harness run` on this machine marks it failed)."""
+    from harness.provenance import process_gone
+
+    dead = run.status == "running" and process_gone((run.extra or {}).get("process"))
+    return "running (process gone)" if dead else run.status
 
 
 @cli.command()
@@ -325,6 +329,7 @@ def show(run_id: str, db: str | None, as_json: bool) -> None:
         head["metrics"] = [{"split": m.split, "group": m.group, "top1": m.top1, "error": m.error} for m in r.metrics]
         click.echo(json.dumps(head, indent=2, default=str))
         return
+    head["status"] = status_of(r)   # for people; the JSON keeps the stored value
     click.echo(tabulate([[k, json.dumps(v) if isinstance(v, dict) else v] for k, v in head.items()],
                         tablefmt="plain", disable_numparse=True))
     click.echo()

@@ -112,6 +112,9 @@ def test_kill_9_mid_run_then_rerun_gives_the_uninterrupted_numbers(tmp_path):
     listed = subprocess.run([sys.executable, "-m", "harness.cli", "list", "runs"], env=env_for("crash"), cwd=tmp_path,
                             capture_output=True, text=True, timeout=60)
     assert "running (process gone)" in listed.stdout, listed.stdout + listed.stderr
+    shown = subprocess.run([sys.executable, "-m", "harness.cli", "show", dead.id], env=env_for("crash"), cwd=tmp_path,
+                           capture_output=True, text=True, timeout=60)
+    assert re.search(r"^status +running \(process gone\)$", shown.stdout, re.M), shown.stdout + shown.stderr
 
     rerun = subprocess.run(args, env=env_for("crash"), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
