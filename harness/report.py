@@ -122,11 +122,13 @@ class Study:
 
 
 def load_studies(store: Store) -> dict[tuple, list[Study]]:
-    """Per tuned board, the studies its runs name in extra["tuning"], each with its trials'
-    objective (validation top-1) by trial number (extra["trial"]["number"])."""
+    """Per tuned board, the studies its counted runs name in extra["tuning"] (a study whose
+    chosen setting was retrained again after another search is not behind the board), each with
+    its trials' objective (validation top-1) by trial number (extra["trial"]["number"])."""
+    counted = counted_runs()
     with store.engine.connect() as con:
         tuned = pd.read_sql(select(Run.dataset, Run.rho, Run.preset, Run.method, Run.extra["tuning"].label("tuning"))
-                            .where(RANKED, TUNED_PRESETS).order_by(Run.method), con)
+                            .join(counted, counted.c.id == Run.id).where(TUNED_PRESETS).order_by(Run.method), con)
         tuned = tuned[tuned["tuning"].map(lambda t: isinstance(t, dict) and "study" in t)]
         if tuned.empty:
             return {}

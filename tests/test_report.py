@@ -381,6 +381,16 @@ def test_tuned_board_shows_the_search(tuned, bench, tmp_path):
     assert "| wb-c10-study" in (tmp_path / "md" / f"{board.slug}.md").read_text()
 
 
+def test_a_search_whose_setting_was_retrained_after_another_is_not_behind_the_board(tuned, bench, tmp_path):
+    later = {"tuning": {**TUNING_EXTRA["tuning"], "study": "wb-c10-again", "chosen": {"lr": 0.05}}}
+    add_run(tuned, "again0", "wb", 0, 82.0, study="wb-c10-again", val_top1=66.0, extra={"trial": {"number": 0}})
+    for seed in (0, 1):   # the same seeds and setup, retrained with the second search's choice
+        add_run(tuned, f"rechosen{seed}", "wb", seed, 90.0, preset="tuned", extra=later)
+    board = next(b for b in rep.build_boards(tuned, bench, plots=False) if b.preset == "tuned")
+    assert board.rows[["method", "n", "all_mean"]].values.tolist() == [["wb", 2, 90.0]]
+    assert [(s.name, s.chosen) for s in board.studies] == [("wb-c10-again", {"lr": 0.05})]
+
+
 # ---------------------------------------------------------------- plot cache
 
 def plot_files(folder):
