@@ -66,6 +66,9 @@ def override_options(command):
         click.option("--generator", type=click.Choice(["ldam", "first"]), help="Which images the LT subset keeps."),
         click.option("--backbone", help="Override the benchmark's backbone."),
         click.option("--val-per-class", type=int, help="Held-out validation images per class [the benchmark's]."),
+        click.option("--precision", type=click.Choice(["fp32", "bf16"]),
+                     help="Forward passes in fp32 (as every official code) or bf16 autocast "
+                          "[bf16 on CUDA, fp32 on the CPU]."),
     ]):
         command = option(command)
     return command
@@ -87,14 +90,14 @@ def cli() -> None:
 @override_options
 @click.option("--benchmarks", envvar="HARNESS_BENCHMARKS", help="benchmarks.yaml to use.")
 def run(method, dataset, rho, seeds, preset, epochs, device, data_root, download, db, generator, backbone,
-        val_per_class, cache_dir, benchmarks, no_progress) -> None:
+        val_per_class, precision, cache_dir, benchmarks, no_progress) -> None:
     """Train and evaluate METHOD on DATASET; store the result and print it."""
     from harness.runner import RunRequest, execute
 
     seed_list = list(dict.fromkeys(seeds)) or [0]
     req = RunRequest(method=method, dataset=dataset, rho=parse_rho(rho), seeds=seed_list, preset=preset, epochs=epochs,
                      device=device, data_root=data_root, download=download, db=db, generator=generator,
-                     backbone=backbone, val_per_class=val_per_class, cache_dir=cache_dir,
+                     backbone=backbone, val_per_class=val_per_class, precision=precision, cache_dir=cache_dir,
                      benchmarks=benchmarks, progress=not no_progress)
     from harness.distributed import is_main
 
@@ -127,7 +130,7 @@ def run(method, dataset, rho, seeds, preset, epochs, device, data_root, download
 @training_options
 @override_options
 def sweep(benchmarks, methods, datasets, rhos, seeds, preset, epochs, jobs, executor, address, dry_run, device,
-          data_root, download, db, cache_dir, no_progress, generator, backbone, val_per_class) -> None:
+          data_root, download, db, cache_dir, no_progress, generator, backbone, val_per_class, precision) -> None:
     """Run the grid of benchmarks.yaml (methods x datasets x rho x seeds), skipping runs already completed."""
     from harness.runner import RunRequest
     from harness.sweep import execute_sweep, plan
@@ -137,7 +140,7 @@ def sweep(benchmarks, methods, datasets, rhos, seeds, preset, epochs, jobs, exec
     seed_list = list(dict.fromkeys(seeds)) or [0]
     base = RunRequest(method="", dataset="", rho=1.0, preset=preset, epochs=epochs, device=device,
                       data_root=data_root, download=download, db=db, cache_dir=cache_dir, benchmarks=benchmarks,
-                      generator=generator, backbone=backbone, val_per_class=val_per_class,
+                      generator=generator, backbone=backbone, val_per_class=val_per_class, precision=precision,
                       progress=not no_progress and jobs == 1 and executor == "local")
     planned = plan(base, list(dict.fromkeys(methods)), list(dict.fromkeys(datasets)),
                    list(dict.fromkeys(parse_rho(r) for r in rhos)), seed_list)
@@ -178,7 +181,7 @@ def sweep(benchmarks, methods, datasets, rhos, seeds, preset, epochs, jobs, exec
 @override_options
 @click.option("--benchmarks", envvar="HARNESS_BENCHMARKS", help="benchmarks.yaml to use.")
 def tune(method, dataset, rho, params, trials, preset, seeds, jobs, study, no_final, prune, epochs, device, data_root,
-         download, db, cache_dir, no_progress, generator, backbone, val_per_class, benchmarks) -> None:
+         download, db, cache_dir, no_progress, generator, backbone, val_per_class, precision, benchmarks) -> None:
     """Tune METHOD's hyper-parameters on the validation split (Optuna TPE); train the chosen
     values with the seeds as preset `tuned`. The study lives in the results store's database."""
     from harness.runner import RunRequest
@@ -187,6 +190,7 @@ def tune(method, dataset, rho, params, trials, preset, seeds, jobs, study, no_fi
     run = RunRequest(method=method, dataset=dataset, rho=parse_rho(rho), seeds=list(dict.fromkeys(seeds)) or [0],
                      preset=preset, epochs=epochs, device=device, data_root=data_root, download=download, db=db,
                      cache_dir=cache_dir, generator=generator, backbone=backbone, val_per_class=val_per_class,
+                     precision=precision,
                      benchmarks=benchmarks, progress=not no_progress)
     result = run_tune(TuneRequest(run=run, params=list(params), trials=trials, study=study, jobs=jobs,
                                   final=not no_final, prune=prune), report=click.echo)

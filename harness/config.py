@@ -158,6 +158,9 @@ def check_recipe(recipe, where: str) -> None:
         raise HarnessError(f"{where}: unknown augmentation {unknown}; known: {', '.join(AUGMENTATIONS)}")
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     method: str
@@ -169,9 +172,17 @@ class RunConfig:
     backbone: str
     val_per_class: int
     recipe: dict
+    # the arithmetic of forward passes, fp32 or bf16 (autocast); None: the device's default
+    # (harness.engine.precision_on: bf16 on CUDA, fp32 on the CPU)
+    precision: str | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The stored config, which the hash covers. A run at its device's default precision
+        stores none, as every run did before the choice existed, and so keeps their hash."""
+        out = asdict(self)
+        if out["precision"] is None:
+            del out["precision"]
+        return out
 
     def config_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
@@ -180,7 +191,7 @@ class RunConfig:
 def resolve(doc: dict, *, method: str, dataset: str, rho: float, seed: int, preset: str,
             epochs: int | None = None, generator: str | None = None, backbone: str | None = None,
             val_per_class: int | None = None, method_default_recipe: dict | None = None,
-            default_augmentation: str = "crop+flip") -> RunConfig:
+            default_augmentation: str = "crop+flip", precision: str | None = None) -> RunConfig:
     """The full configuration of one run: the benchmark's recipe for the method, its
     `by_rho` overrides for this ratio, the preset's budget, and the command line's
     choices. A method with no recipe on the benchmark takes CE's, and says so in the
@@ -197,6 +208,8 @@ def resolve(doc: dict, *, method: str, dataset: str, rho: float, seed: int, pres
         raise HarnessError(f"--epochs must be >= 1, got {epochs}")
     if val_per_class is not None and val_per_class < 0:
         raise HarnessError(f"--val-per-class must be >= 0, got {val_per_class}")
+    if precision not in (None, *PRECISIONS):
+        raise HarnessError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     methods = bench.get("methods") or {}
     recipe, fallback = methods.get(method) or method_default_recipe, []
     if recipe is None:
@@ -231,7 +244,7 @@ def resolve(doc: dict, *, method: str, dataset: str, rho: float, seed: int, pres
         method=method, dataset=dataset, rho=float(rho), seed=int(seed), preset=preset,
         generator=generator, backbone=backbone,
         val_per_class=int(bench.get("val_per_class", 20) if val_per_class is None else val_per_class),
-        recipe=recipe,
+        recipe=recipe, precision=precision,
     )
 
 

@@ -66,6 +66,7 @@ class DeviceData:
     """The run's tensors on the device plus the batched crop and flip."""
 
     streamed = False
+    precision: str | None = None   # of the forward passes on this data (precision_on); the runner sets it
 
     def __init__(self, data: LTData, mean, std, padding: int, flip: bool, device: torch.device):
         self.device = device
@@ -166,13 +167,19 @@ class TrainLog:
     resumed_from: int | None = None      # the epoch an interrupted training resumed at
 
 
-def autocast_for(device: torch.device):
-    # bf16 autocast on CUDA (BatchNorm stays fp32 under autocast); CPU runs fp32,
-    # where bf16 measured slower on the 2-core machines. Inside a captured region the
-    # autocast cache must be off (the graph keeps its own copies).
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
-    return torch.autocast("cpu", enabled=False)
+def precision_on(device: torch.device, precision: str | None) -> str:
+    """The precision a run computes in: the one asked for, else the device's default: bf16 on
+    CUDA (fast, and measured in the GPU proof), fp32 on the CPU (where bf16 measured slower on
+    the 2-core machines). Every official code runs fp32: `--precision fp32` on CUDA is theirs."""
+    return precision or ("bf16" if device.type == "cuda" else "fp32")
+
+
+def autocast_for(device: torch.device, precision: str | None = None):
+    # bf16 autocast (BatchNorm stays fp32 under autocast) or none. Inside a captured region
+    # the autocast cache must be off (the graph keeps its own copies).
+    if precision_on(device, precision) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
+    return torch.autocast(device.type, enabled=False)
 
 
 def make_optimizer(params, spec: TrainSpec, device: torch.device, lr_tensors: bool = False) -> torch.optim.SGD:
@@ -260,7 +267,7 @@ class Trainer:
     def _update(self, drawn: dict[str, torch.Tensor], zero_grad: bool = True) -> None:
         spec = self.spec
         x, target = self._inputs(drawn)
-        with autocast_for(self.device):
+        with autocast_for(self.device, self.data.precision):
             logits, feats = self.forward(x)
         loss = spec.loss(logits.float(), feats.float(), target, self.epoch_t)
         if zero_grad:
@@ -536,7 +543,7 @@ def extract_features(model, data: DeviceData, split: str) -> torch.Tensor:
     """Features of every image of `split` ("val" or "test"), in order, in eval mode."""
     model.eval()
     out = []
-    with autocast_for(data.device):
+    with autocast_for(data.device, data.precision):
         for x in data.eval_batches(split):
             out.append(model.features(x).float())
     return torch.cat(out) if out else torch.zeros(0, model.feat_dim, device=data.device)

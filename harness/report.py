@@ -31,7 +31,8 @@ GROUPS = ("all", "many", "medium", "few")
 TASK = "Long-tail Learning"
 METRIC_NAMES = {"top1": "Top-1 Accuracy", "error": "Error Rate"}
 BOARD_KEY = ["dataset", "rho", "preset"]
-ROW_KEY = ["method", *MATCHED]     # a board row: one method on one setup
+SETUP = (*MATCHED, "precision")    # what makes a setup: the fields a reference must match, and the arithmetic
+ROW_KEY = ["method", *SETUP]       # a board row: one method on one setup
 RANKED = and_(Run.status == "completed", Run.study.is_(None))
 # a study's chosen setting, retrained: preset tuned, or <preset>-tuned for another budget (harness.tune)
 TUNED_PRESETS = or_(Run.preset == "tuned", Run.preset.like("%-tuned"))
@@ -49,12 +50,15 @@ def counted_runs():
     trained with the default."""
     epochs = Run.config[("recipe", "stage1", "epochs")].as_integer()
     augmentation = func.coalesce(Run.config[("recipe", "augmentation")].as_string(), DEFAULT_AUGMENTATION)
+    # a run from before the precision was recorded computed in its device's default
+    precision = func.coalesce(Run.extra["precision"].as_string(),
+                              case((Run.device.like("%cpu (%"), "fp32"), else_="bf16"))
     newest_first = func.row_number().over(
         partition_by=[Run.dataset, Run.rho, Run.preset, Run.method, Run.backbone, Run.generator, epochs,
-                      augmentation, Run.seed],
+                      augmentation, precision, Run.seed],
         order_by=[Run.finished_at.desc(), Run.id.desc()])
     runs = select(Run.id, Run.dataset, Run.rho, Run.preset, Run.method, Run.backbone, Run.generator,
-                  epochs.label("epochs"), augmentation.label("augmentation"),
+                  epochs.label("epochs"), augmentation.label("augmentation"), precision.label("precision"),
                   newest_first.label("newest_first")).where(RANKED).subquery()
     return select(runs).where(runs.c.newest_first == 1).subquery("counted")
 
@@ -66,11 +70,11 @@ def load_results(store: Store) -> pd.DataFrame:
     top1 = [func.max(case((Metric.group == g, Metric.top1))).label(f"top1_{g}") for g in GROUPS]
     query = (select(Run.id, Run.method, Run.dataset, Run.rho, Run.backbone, Run.generator, Run.seed, Run.preset,
                     Run.finished_at, Run.wall_seconds, Run.device, Run.git_commit, Run.stage1_cached,
-                    counted.c.epochs, counted.c.augmentation,
+                    counted.c.epochs, counted.c.augmentation, counted.c.precision,
                     Run.extra["stage1_seconds"].as_float().label("stage1_seconds"), *top1)
              .join(counted, counted.c.id == Run.id)
              .outerjoin(Metric, and_(Metric.run_id == Run.id, Metric.split == "test"))
-             .group_by(Run.id, counted.c.epochs, counted.c.augmentation))
+             .group_by(Run.id, counted.c.epochs, counted.c.augmentation, counted.c.precision))
     with store.engine.connect() as con:
         df = pd.read_sql(query, con)
     if df.empty:
@@ -278,8 +282,8 @@ def aggregate(results: pd.DataFrame) -> pd.DataFrame:
         n=("seed", "size"), seeds=("seed", sorted), **spread, minutes=("minutes", "mean"), gpu=("gpu", "any"),
         date=("finished_at", "max"), commit=("git_commit", short_commits)).reset_index()
     rows["date"] = rows["date"].dt.strftime("%Y-%m-%d")
-    setup = rows[list(MATCHED)].astype(object)
-    rows[list(MATCHED)] = setup.where(setup.notna(), None)   # a setup field not recorded is None, not NA
+    setup = rows[list(SETUP)].astype(object)
+    rows[list(SETUP)] = setup.where(setup.notna(), None)   # a setup field not recorded is None, not NA
     return rows
 
 
@@ -347,8 +351,8 @@ def start_plots(store: Store, studies: dict[tuple, list[Study]], cache: PlotCach
 def setup_names(rows: pd.DataFrame) -> list[str]:
     """Per row of a board's plot data, its setup as the plot names it: the setup fields in which
     the board's setups of that method differ ("" where the board has the method on one setup)."""
-    setups = rows[["method", *MATCHED]].astype(object)
-    varying = {method: [f for f in MATCHED if s[f].nunique(dropna=False) > 1] for method, s in setups.groupby("method")}
+    setups = rows[["method", *SETUP]].astype(object)
+    varying = {method: [f for f in SETUP if s[f].nunique(dropna=False) > 1] for method, s in setups.groupby("method")}
     return [", ".join(f"{f} {readable(r[f])}" for f in varying[r["method"]]) for _, r in setups.iterrows()]
 
 
@@ -386,9 +390,9 @@ def differs_text(differs) -> str:
 
 
 def setup_cells(board: Board) -> list[str]:
-    """Each row's backbone, plus the setup fields (generator, epochs, augmentation) in which
-    this board's rows differ from each other."""
-    varying = [name for name in MATCHED[1:] if board.rows[name].nunique(dropna=False) > 1]
+    """Each row's backbone, plus the setup fields (generator, epochs, augmentation, precision)
+    in which this board's rows differ from each other."""
+    varying = [name for name in SETUP[1:] if board.rows[name].nunique(dropna=False) > 1]
     return [" · ".join([r["backbone"], *(f"{name} {readable(r[name])}" for name in varying)])
             for _, r in board.rows.iterrows()]
 

@@ -12,7 +12,10 @@ import math
 from dataclasses import dataclass, field
 
 MATCHED = ("backbone", "generator", "epochs", "augmentation")   # all equal to ours, or no Δ
-NOTED = ("framework", "selection", "runs", "tta")                # named beside Δ when they differ
+NOTED = ("framework", "selection", "runs", "tta", "precision")   # named beside Δ when they differ
+# what a reference that leaves a noted field out used: no test-time augmentation, and fp32, in
+# which every official code of benchmarks.yaml's methods trains and evaluates
+UNSTATED = {"tta": "none", "precision": "fp32"}
 DEFAULT_AUGMENTATION = "crop+flip"   # what a recipe trained with before the resolver recorded it
 # How every run of this harness obtains its number (README, Protocol); runs is the row's n.
 OUR_METHOD_OF_REPORTING = {"framework": "pytorch", "selection": "last", "tta": "none"}
@@ -39,8 +42,8 @@ class Reference:
                    few=entry.get("few"))
 
     def stated(self, name: str):
-        """The protocol's value for a field; a reference that omits tta used none."""
-        return self.protocol.get(name, "none" if name == "tta" else None)
+        """The protocol's value for a field (UNSTATED: what an omitted tta or precision was)."""
+        return self.protocol.get(name, UNSTATED.get(name))
 
     def summary(self) -> str:
         """The protocol in one short line: resnet32 · cui · 200 ep · crop+flip · tensorflow · last."""
@@ -48,7 +51,8 @@ class Reference:
         parts = [p.get("backbone"), p.get("generator"), f"{readable(p['epochs'])} ep" if "epochs" in p else None,
                  p.get("augmentation"), p.get("framework"), p.get("selection"),
                  f"mean of {p['runs']}" if "runs" in p else None,
-                 f"TTA {p['tta']}" if self.stated("tta") != "none" else None]
+                 f"TTA {p['tta']}" if self.stated("tta") != "none" else None,
+                 self.stated("precision") if self.stated("precision") != "fp32" else None]
         return " · ".join(str(part) for part in parts if part is not None)
 
 
@@ -76,7 +80,7 @@ def readable(value) -> str:
 
 def our_protocol(row: dict) -> dict:
     """The protocol of one board row: its runs' setup plus how this harness reports."""
-    ours = {name: row.get(name) for name in MATCHED}
+    ours = {name: row.get(name) for name in (*MATCHED, "precision")}
     return {**ours, **OUR_METHOD_OF_REPORTING, "runs": row.get("n")}
 
 

@@ -23,8 +23,8 @@ from harness.checkpoints import (cache_root, check_cache_root, drop_epoch_checkp
 from harness.config import RunConfig, has_key, load_benchmarks, resolve, with_overrides
 from harness.data import LTData, group_accuracies, per_class_accuracy, shot_group
 from harness.distributed import init_from_env, is_main, world
-from harness.engine import (DeviceData, Trainer, TrainSpec, device_name, fit_many, predict, resolve_device,
-                            train)
+from harness.engine import (DeviceData, Trainer, TrainSpec, device_name, fit_many, precision_on, predict,
+                            resolve_device, train)
 from harness.method import Method, RunContext
 from harness.models import build_model, check_backbone, head_weight, reinitialise, under
 from harness.provenance import git_commit, package_versions, this_process
@@ -47,6 +47,7 @@ class RunRequest:
     generator: str | None = None
     backbone: str | None = None
     val_per_class: int | None = None
+    precision: str | None = None    # fp32 or bf16; None: the device's default (engine.precision_on)
     cache_dir: str | None = None
     benchmarks: str | None = None
     progress: bool = True
@@ -86,7 +87,7 @@ def prepare(req: RunRequest, seed: int) -> tuple[Method, object, RunConfig]:
                   epochs=req.epochs, generator=generator, backbone=req.backbone,
                   val_per_class=req.val_per_class,
                   method_default_recipe=getattr(method, "default_recipe", None),
-                  default_augmentation=getattr(spec, "augmentation", "crop+flip"))
+                  default_augmentation=getattr(spec, "augmentation", "crop+flip"), precision=req.precision)
     if req.overrides:
         cfg = with_overrides(cfg, req.overrides, f"{req.dataset} / {req.method}")
     if req.preset_label:
@@ -132,6 +133,7 @@ def execute(req: RunRequest) -> list[RunResult]:
     check_class_names(data.class_names)
     checksum = data.checksum()
     ddata = spec.device_data(data, device, cfg0.recipe)
+    ddata.precision = cfg0.precision
     jobs = [plan_job(method, cfg, spec, data, ddata, checksum, cache, req.extra) for method, _, cfg in prepared]
     # opened only once the request is known to be good: bad input creates nothing; under
     # torchrun only rank 0 writes (the others train their shards and evaluate alike)
@@ -141,7 +143,7 @@ def execute(req: RunRequest) -> list[RunResult]:
         for run_id in store.fail_dead_runs():
             announce(f"run {run_id} was still `running`, but its process is gone: marked failed")
     for job in jobs if store else []:
-        job.ctx.extra["process"] = this_process()
+        job.ctx.extra.update(process=this_process(), precision=precision_on(device, job.cfg.precision))
         store.start_run(Run(
             id=job.run_id, method=job.cfg.method, dataset=job.cfg.dataset, rho=job.cfg.rho,
             backbone=job.cfg.backbone, seed=job.cfg.seed, generator=job.cfg.generator, preset=job.cfg.preset,

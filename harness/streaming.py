@@ -236,6 +236,7 @@ class StreamData:
     device, training batches in a given order, evaluation batches per split."""
 
     streamed = True
+    precision: str | None = None   # as DeviceData's
 
     def __init__(self, spec: ListDatasetSpec, data: FileLTData, device: torch.device, tokens=("rrc", "flip", "jitter"),
                  mean=None, std=None, eval_batch: int = 256):

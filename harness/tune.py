@@ -131,10 +131,11 @@ def study_name(req: TuneRequest, space: list[Dimension]) -> str:
     if req.study:
         return req.study
     r = req.run
-    # a benchmark default overridden (backbone, generator, validation split) is another study;
-    # without overrides the name is what it always was, so stored studies resume
+    # a benchmark default overridden (backbone, generator, validation split, precision) is another
+    # study; without overrides the name is what it always was, so stored studies resume
     overridden = [[k, v] for k, v in (("generator", r.generator), ("backbone", r.backbone),
-                                       ("val_per_class", r.val_per_class)) if v is not None]
+                                       ("val_per_class", r.val_per_class), ("precision", r.precision))
+                  if v is not None]
     digest = hashlib.sha256(json.dumps([[d.key, d.text] for d in space] + overridden).encode()).hexdigest()[:8]
     rho = r.rho if r.rho == "natural" else f"{float(r.rho):g}"
     return f"{r.method}-{r.dataset}-rho{rho}-{r.preset}-seed{r.seeds[0]}-{digest}"

@@ -195,9 +195,13 @@ def test_rows_split_by_setup_and_each_meets_the_references_of_its_own(tmp_path, 
 
 def test_protocol_rules():
     ours = {"backbone": "resnet32", "generator": "ldam", "epochs": 200, "augmentation": "crop+flip",
-            "framework": "pytorch", "selection": "last", "tta": "none", "runs": 3}
+            "framework": "pytorch", "selection": "last", "tta": "none", "precision": "fp32", "runs": 3}
     mean_of_5 = Reference("ce", 100, 70.0, "LA", protocol={**LDAM, "selection": "last", "runs": 5})
     assert [str(d) for d in differences(mean_of_5, ours)] == ["runs 5 (ours 3)"]
+    # a reference states no precision: fp32, as every official code; bf16 is named, and Δ stays
+    on_gpu = {**ours, "precision": "bf16"}
+    assert [str(d) for d in differences(mean_of_5, on_gpu)] == ["runs 5 (ours 3)", "precision fp32 (ours bf16)"]
+    assert compare(on_gpu, 72.0, [mean_of_5], with_delta=True).delta == pytest.approx(2.0)
     unstated = Reference("ce", 100, 70.0, "old", protocol={"backbone": "resnet32"})
     assert compare(ours, 72.0, [unstated], with_delta=True).delta is None   # nothing says it matches
     autoaugment = Reference("ce", 100, 70.0, "BALMS", protocol={**LDAM, "augmentation": "crop+flip+autoaugment"})
@@ -456,6 +460,24 @@ def test_plots_average_the_runs_the_table_counts_each_setup_apart_on_every_backe
     tau = board.rows[board.rows["method"] == "tau_norm"].set_index("backbone")
     assert tau[["n", "all_mean"]].to_dict("index") == {"resnet32": {"n": 2, "all_mean": 85.0},
                                                        "resnet34-cifar": {"n": 1, "all_mean": 40.0}}
+
+
+def test_precision_is_part_of_a_setup_and_named_against_the_papers_fp32_on_every_backend(store_url, bench):
+    """A GPU run from before precision was recorded computed in bf16 (autocast); one asked for in
+    fp32 is the CPU's setup (the later run of the seed counts); bf16 is its own row, and the
+    papers' fp32 is named beside its Δ, which stays."""
+    store = Store(store_url)
+    add_run(store, "cpu", "ce", 0, 80.0)
+    add_run(store, "gpu-old", "ce", 0, 84.0, device="NVIDIA H100 80GB HBM3")
+    add_run(store, "gpu-fp32", "ce", 0, 82.0, device="NVIDIA H100 80GB HBM3", extra={"precision": "fp32"})
+    [board] = rep.build_boards(store, bench, plots=False)
+    rows = board.rows.set_index("precision")
+    assert rows[["n", "all_mean"]].to_dict("index") == {"bf16": {"n": 1, "all_mean": 84.0},
+                                                        "fp32": {"n": 1, "all_mean": 82.0}}
+    assert rows.loc["bf16", "delta"] == pytest.approx(84.0 - 86.0)
+    assert [d.name for d in rows.loc["bf16", "paper_differs"]] == ["selection", "precision"]
+    assert "precision" not in [d.name for d in rows.loc["fp32", "paper_differs"]]
+    assert sorted(rep.setup_cells(board)) == ["resnet32 · precision bf16", "resnet32 · precision fp32"]
 
 
 def test_a_legend_of_long_entries_gets_the_columns_that_fit_across_the_plot():
