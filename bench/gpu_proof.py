@@ -11,8 +11,9 @@
                training, evaluation and start-up stated apart; the same run for every seed at once
   table        in phases, what matters most first: the six methods x seeds at rho 100 (the
                timed table), CE on balanced CIFAR-10 (the JPEG copy's penalty), the six at
-               rho 10, then every other registered method at rho 100 and at rho 10; each phase a
-               `harness sweep` into one store; `harness report`
+               rho 10, CE at rho 100 in fp32 (what the default bf16 autocast costs against the
+               official codes' fp32), then every other registered method at rho 100 and at
+               rho 10; each phase a `harness sweep` into one store; `harness report`
 
 Without --step the steps run in that order as far as the budget goes. Everything lands in DIR:
 figures.json (every number as {"value", "unit"}, and the goals), results.db (the table),
@@ -33,7 +34,8 @@ bring back): figures.json, results.db, speed.db, proof.log, reports.tar.gz and r
 --smoke runs every step on the CPU in about a minute, never reading the real data: a synthetic
 JPEG folder in CIFAR-10's layout (60 training and 20 test images per class) read through a
 plugin dataset with n_max 50, CIFAR-10-LT's recipes on the small CNN, the quick preset at one
-epoch, one seed; its phases are ce and crt, the balanced run, then la_posthoc.
+epoch, one seed; its phases are ce and crt, the balanced run, CE in bf16 (the CPU's other
+precision), then la_posthoc.
 """
 from __future__ import annotations
 
@@ -83,6 +85,7 @@ class Phase:
     rhos: tuple[str, ...]
     one_seed: bool = False                 # the target's first seed only
     val_per_class: int | None = None       # None: the benchmark's validation split
+    precision: str | None = None           # None: the device's default; else --precision, the other one
 
 
 # CE on balanced CIFAR-10, every training image kept (no validation split): the JPEG copy's penalty
@@ -107,10 +110,12 @@ class Target:
 
 GPU = Target("cifar10-lt", ("100", "10"), (0, 1, 2), "paper",
              (Phase("six-100", SIX, ("100",)), BALANCED, Phase("six-10", SIX, ("10",)),
+              Phase("ce-fp32-100", ("ce",), ("100",), precision="fp32"),
               Phase("baselines-100", (), ("100",)), Phase("baselines-10", (), ("10",))),
              "cuda", ("--steps", "200", "--repeats", "3"), 90.0)
 SMOKE = Target("cifar10-smoke", ("10",), (0,), "quick",
-               (Phase("six-10", ("ce", "crt"), ("10",)), BALANCED, Phase("baselines-10", ("la_posthoc",), ("10",))),
+               (Phase("six-10", ("ce", "crt"), ("10",)), BALANCED, Phase("ce-bf16-10", ("ce",), ("10",), precision="bf16"),
+                Phase("baselines-10", ("la_posthoc",), ("10",))),
                "cpu", ("--steps", "2", "--repeats", "1", "--batch", "16"), 20.0, smoke=True)
 SMOKE_N_MAX = 50
 SMOKE_IMAGES = {"train": 60, "test": 20}   # per class: n_max plus 10 for the validation split
@@ -513,10 +518,19 @@ class Proof:
     def phase_seeds(self, phase: Phase) -> tuple[int, ...]:
         return self.target.seeds[:1] if phase.one_seed else self.target.seeds
 
+    def precision(self, asked: str | None = None) -> str:
+        """What the target's runs compute in: `asked`, else its device's default."""
+        import torch
+
+        from harness.engine import precision_on
+
+        return precision_on(torch.device(self.target.device), asked)
+
     def phase_command(self, phase: Phase) -> list[str]:
         """A phase's runs into the proof's store and cache: a sweep of its methods x ratios x
         seeds (what the store holds already is skipped)."""
         val = () if phase.val_per_class is None else ("--val-per-class", str(phase.val_per_class))
+        val += () if phase.precision is None else ("--precision", phase.precision)
         return self.harness("sweep", "--datasets", self.target.dataset, *repeated("--methods", self.phase_methods(phase)),
                             *repeated("--rho", phase.rhos), *repeated("--seeds", self.phase_seeds(phase)), *val,
                             "--preset", self.target.preset, "--device", self.target.device,
@@ -547,6 +561,10 @@ class Proof:
         if table["phases"].get(BALANCED.name, {}).get("complete") and "balanced" not in table:
             table["balanced"] = self.balanced()
             self.save()
+        other = next((ph for ph in self.target.phases if ph.precision), None)
+        if other and table["phases"].get(other.name, {}).get("complete") and "precision" not in table:
+            table["precision"] = self.precision_effect(other)
+            self.save()
         self.report(table)
 
     def balanced(self) -> dict:
@@ -559,6 +577,23 @@ class Proof:
                 "original_images_top1": {"low": q(low, "%"), "high": q(high, "%")},
                 "jpeg_penalty": {"low": q(low - top1, "percentage points"),
                                  "high": q(high - top1, "percentage points")}}
+
+    def precision_effect(self, phase: Phase) -> dict:
+        """CE at the phase's ratio and seeds in the device's default precision and in the phase's:
+        what the precision changes in top-1 (a mean over the seeds) and in a run's time."""
+        seeds = set(self.phase_seeds(phase))
+        runs = [r for r in completed_runs(self.layout.store, method="ce", dataset=self.target.dataset,
+                                          rho=float(phase.rhos[0]), preset=self.target.preset) if r.seed in seeds]
+        by_precision = {}
+        for precision in (self.precision(), self.precision(phase.precision)):
+            mine = [r for r in runs if r.extra.get("precision") == precision]
+            by_precision[precision] = {
+                "runs": q(len(mine), "runs"),
+                "top1": q(sum(map(top1_on_test, mine)) / len(mine) if mine else None, "%"),
+                "wall": q(sum(r.wall_seconds for r in mine) / len(mine) if mine else None, "s")}
+        default, asked = (by_precision[p]["top1"]["value"] for p in by_precision)
+        return {**by_precision, "rho": rho_key(phase.rhos[0]),
+                "difference": q(None if None in (default, asked) else asked - default, "percentage points")}
 
     def balanced_runs(self) -> list:
         if not self.layout.store.is_file():
@@ -576,9 +611,10 @@ class Proof:
         if rendered is None or board is None or not (rendered.ok and board.ok):
             return
         runs = completed_runs(self.layout.store, dataset=self.target.dataset, preset=self.target.preset)
-        table["results"] = board_results(self.layout.board, self.target, runs)
+        table["results"] = board_results(self.layout.board, self.target, runs,
+                                         self.precision())
         table["timing"] = {ph.name: phase_timing(runs, table["phases"][ph.name]["calls"], ph.rhos,
-                                                 self.phase_methods(ph), self.phase_seeds(ph))
+                                                 self.phase_methods(ph), self.phase_seeds(ph), self.precision(ph.precision))
                            for ph in self.target.phases if ph.name in table["phases"]}
         table["reports"] = str(self.layout.reports.relative_to(self.layout.out) / "index.html")
         self.save()
@@ -597,12 +633,14 @@ class Proof:
         for ph in self.target.phases:
             if not done.get(ph.name, {}).get("complete"):
                 base = RunRequest(method="ce", dataset=self.target.dataset, rho=1.0, preset=self.target.preset,
-                                  val_per_class=ph.val_per_class, db=sqlite_url(self.layout.store))
+                                  val_per_class=ph.val_per_class, precision=ph.precision,
+                                  db=sqlite_url(self.layout.store))
                 pending |= {p.chain for p in plan(base, self.phase_methods(ph), [self.target.dataset], list(ph.rhos),
                                                   self.phase_seeds(ph)) if p.request.seeds}
         return {run.extra["stage1_checkpoint"] for run in completed_runs(self.layout.store, dataset=self.target.dataset)
                 if "stage1_checkpoint" in run.extra
-                and chain_key(run.dataset, run.rho, run.config["recipe"]["stage1"]) in pending}
+                and chain_key(run.dataset, run.rho, run.config["recipe"]["stage1"], run.config.get("precision"))
+                in pending}
 
     # -- what is left --------------------------------------------------------------------
     def pending(self) -> list[str]:
@@ -629,14 +667,16 @@ def junit_outcomes(path: Path) -> dict:
     return tests
 
 
-def board_results(board: Path, target: Target, runs: list) -> dict:
+def board_results(board: Path, target: Target, runs: list, default_precision: str) -> dict:
     """Per ratio and method: mean top-1 over the seeds, the paper's number and Δ where the
-    report found a reference whose protocol matches ours, and the engine each stage ran on."""
+    report found a reference whose protocol matches ours, and the engine each stage ran on.
+    A method's row in another precision than the device's default is "<method> (<precision>)"."""
     engines: dict[tuple, set] = {}
     for r in runs:
         for stage in ("stage1_engine", "stage2_engine"):
             if stage in r.extra:
-                engines.setdefault((r.rho, r.method), set()).add(f"{stage[:6]}: {r.extra[stage]}")
+                engines.setdefault((r.rho, r.method, r.extra.get("precision")), set()).add(
+                    f"{stage[:6]}: {r.extra[stage]}")
     results: dict[str, dict] = {}
     with open(board, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
@@ -644,21 +684,23 @@ def board_results(board: Path, target: Target, runs: list) -> dict:
                 continue
             number = lambda key: float(row[key]) if row[key] else None   # noqa: E731
             delta = number("delta")
-            results.setdefault(rho_key(row["rho"]), {})[row["method"]] = {
+            name = row["method"] if row["precision"] == default_precision else f"{row['method']} ({row['precision']})"
+            results.setdefault(rho_key(row["rho"]), {})[name] = {
                 "top1": q(number("all_mean"), "%"), "top1_std": q(number("all_std"), "percentage points"),
                 "seeds": q(int(row["n"]), "runs"), "paper": q(number("paper"), "%"),
                 "delta": q(delta, "percentage points"), "within_1_point": None if delta is None else abs(delta) <= 1.0,
                 "paper_differs": row["paper_differs"],
-                "engines": sorted(engines.get((float(row["rho"]), row["method"]), ()))}
+                "engines": sorted(engines.get((float(row["rho"]), row["method"], row["precision"]), ()))}
     return results
 
 
-def phase_timing(runs: list, calls: list[dict], rhos, methods: list[str], seeds) -> dict:
+def phase_timing(runs: list, calls: list[dict], rhos, methods: list[str], seeds, precision: str) -> dict:
     """One phase of the table: its runs' own compute (Σ wall_seconds: training shares and
     evaluation), and the elapsed time of its calls until its last run finished, summed over the
     calls (the time between calls left out; data loading and start-up included)."""
     rhos = {float(rho) for rho in rhos}
-    here = [r for r in runs if r.rho in rhos and r.method in methods and r.seed in seeds]
+    here = [r for r in runs if r.rho in rhos and r.method in methods and r.seed in seeds
+            and r.extra.get("precision") == precision]
     expected = len(methods) * len(rhos) * len(seeds)
     done = {(r.rho, r.method, r.seed) for r in here}
     elapsed = None

@@ -29,9 +29,10 @@ class Planned:
     chain: str                   # jobs of one chain share a stage-1 checkpoint
 
 
-def chain_key(dataset: str, rho, stage1: dict) -> str:
-    """What the jobs of one chain share: the data, the ratio and the stage-1 recipe."""
-    return json.dumps([dataset, rho, stage1], sort_keys=True)
+def chain_key(dataset: str, rho, stage1: dict, precision: str | None = None) -> str:
+    """What the jobs of one chain share: the data, the ratio, the stage-1 recipe and the
+    precision asked for (RunConfig.precision)."""
+    return json.dumps([dataset, rho, stage1, precision], sort_keys=True)
 
 
 def plan(base: RunRequest, methods=None, datasets=None, rhos=None, seeds=(0,)) -> list[Planned]:
@@ -65,7 +66,7 @@ def plan(base: RunRequest, methods=None, datasets=None, rhos=None, seeds=(0,)) -
         skipped = [seed for seed, h in hashes if h in done]
         if hashes:
             planned.append(Planned(replace(base, method=method, dataset=dataset, rho=rho, seeds=todo), skipped,
-                                   chain_key(dataset, rho, stage1)))
+                                   chain_key(dataset, rho, stage1, base.precision)))
     return planned
 
 

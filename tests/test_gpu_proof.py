@@ -63,15 +63,20 @@ def test_the_smoke_runs_every_step_and_records_every_figure_with_its_unit(smoke)
         assert run["training"]["value"] < run["process_wall"]["value"]
 
     table = figures["table"]   # the phases ran in their order, each to its end
-    assert list(table["phases"]) == ["six-10", "balanced", "baselines-10"]
+    assert list(table["phases"]) == ["six-10", "balanced", "ce-bf16-10", "baselines-10"]
     assert all(ph["complete"] and not ph["calls"][0]["stopped_at_budget"] for ph in table["phases"].values())
     started = [ph["calls"][0]["started"] for ph in table["phases"].values()]
     assert started == sorted(started)
-    assert set(table["results"]["10"]) == {"ce", "crt", "la_posthoc"}
+    assert set(table["results"]["10"]) == {"ce", "crt", "la_posthoc", "ce (bf16)"}
     assert table["results"]["10"]["crt"]["engines"] == ["stage1: eager", "stage2: eager"]
     timing = table["timing"]
     assert timing["six-10"]["runs"]["value"] == timing["six-10"]["expected"]["value"] == 2
     assert timing["balanced"]["runs"]["value"] == timing["baselines-10"]["runs"]["value"] == 1
+    assert timing["ce-bf16-10"]["runs"]["value"] == 1   # its own run, not the default's CE of six-10
+    effect = table["precision"]   # CE at rho 10 in the CPU's fp32 and in bf16
+    assert effect["fp32"]["runs"]["value"] == effect["bf16"]["runs"]["value"] == 1
+    assert effect["difference"]["value"] == pytest.approx(effect["bf16"]["top1"]["value"] - effect["fp32"]["top1"]["value"])
+    assert table["results"]["10"]["ce (bf16)"]["seeds"]["value"] == 1
     assert 0 < timing["six-10"]["elapsed"]["value"] * 60 <= table["phases"]["six-10"]["calls"][0]["elapsed"]["value"]
     assert table["balanced"]["top1"]["unit"] == "%"
     assert (out / "reports" / "index.html").is_file()
@@ -97,14 +102,15 @@ def test_the_export_fits_the_device_tool_and_a_later_call_resumes_from_it(smoke,
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     assert "restoring checkpoints from resume-1.tar" in again.stdout and any((later / "cache" / "stage1").glob("*.pt"))
     assert "0 runs to do, 2 already in the store" in again.stdout   # the store came along: nothing trains again
-    assert again.stdout.count("0 runs to do, 1 already in the store") == 2   # the balanced run, post-hoc LA
-    assert len(Store(f"sqlite:///{later / 'results.db'}").list_runs()) == 4
-    assert set(json.loads((later / "figures.json").read_text())["table"]["results"]["10"]) == {"ce", "crt", "la_posthoc"}
+    assert again.stdout.count("0 runs to do, 1 already in the store") == 3   # balanced, CE in bf16, post-hoc LA
+    assert len(Store(f"sqlite:///{later / 'results.db'}").list_runs()) == 5
+    assert set(json.loads((later / "figures.json").read_text())["table"]["results"]["10"]) == {
+        "ce", "crt", "la_posthoc", "ce (bf16)"}
 
 
 def test_a_call_that_ends_between_phases_exports_the_stage1_a_later_phase_reuses(smoke, tmp_path, monkeypatch):
     """Post-hoc LA (the last phase) reads CE's stage 1 (the first phase's): a call that ends
-    before it must carry that checkpoint, though newer chains (the balanced run) came since."""
+    before it must carry that checkpoint, though newer chains (the balanced run, CE in bf16) came since."""
     out, _, result = smoke
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     monkeypatch.syspath_prepend(str(PROOF.parent))
@@ -127,12 +133,13 @@ def test_a_call_that_ends_between_phases_exports_the_stage1_a_later_phase_reuses
 
     layout = gpu_proof.Layout(later)
     proof_ = gpu_proof.Proof(gpu_proof.SMOKE, layout, gpu_proof.Budget(60), lambda line: None, later / "none.tar.gz")
-    ce = {r.extra["stage1_checkpoint"] for r in gpu_proof.completed_runs(layout.store, method="ce", rho=10.0)}
+    ce = {r.extra["stage1_checkpoint"] for r in gpu_proof.completed_runs(layout.store, method="ce", rho=10.0)
+          if "precision" not in r.config}   # the default's, not the bf16 phase's (a stage 1 of its own)
     assert len(ce) == 1 and proof_.reused_stage1() == ce
-    for path in (later / "cache" / "stage1").glob("*.pt"):   # CE's stage 1 is the oldest: the balanced run came since
+    for path in (later / "cache" / "stage1").glob("*.pt"):   # CE's stage 1 is the oldest: later phases came since
         os.utime(path, (1, 1) if path.name in ce else None)
     exported = {p.name for p in gpu_proof.resume_files(layout, 1, proof_.reused_stage1())}
-    assert ce <= exported and len(exported) == 2   # CE's, and the newest chain's (the balanced run's)
+    assert ce <= exported and len(exported) == 2   # CE's, and the newest chain's
     assert ce.isdisjoint(p.name for p in gpu_proof.resume_files(layout, 1, set()))   # the rule before: lost
 
 
