@@ -170,7 +170,8 @@ class TrainLog:
 def precision_on(device: torch.device, precision: str | None) -> str:
     """The precision a run computes in: the one asked for, else the device's default: bf16 on
     CUDA (fast, and measured in the GPU proof), fp32 on the CPU (where bf16 measured slower on
-    the 2-core machines). Every official code runs fp32: `--precision fp32` on CUDA is theirs."""
+    the 2-core machines). Every official code runs fp32: `--precision fp32` on CUDA is theirs on
+    the same GPU (PyTorch's TF32 defaults for convolutions untouched, as they would be for them)."""
     return precision or ("bf16" if device.type == "cuda" else "fp32")
 
 
