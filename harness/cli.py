@@ -241,6 +241,28 @@ def merge(source, url) -> None:
                f"{counts['already here']} already here, {counts['running left behind']} running left behind")
 
 
+@db.command(name="delete")
+@click.argument("run_ids", nargs=-1, required=True)
+@click.option("--db", "url", envvar="HARNESS_DB", help="SQLAlchemy URL of the results store [sqlite:///results.db].")
+@click.option("--running", is_flag=True, help="Also delete running rows (a live process would fail at its end).")
+@click.option("--yes", is_flag=True, help="Delete without asking.")
+def delete_(run_ids, url, running, yes) -> None:
+    """Delete runs (ids, or unique prefixes) with their metrics, per-class results and curves,
+    in one transaction: all of them or none. For a run made by mistake, or superseded ones:
+    `harness list runs --names --status failed | xargs harness db delete --yes`."""
+    from harness.store import Store
+
+    with Store(url, create=False) as store:
+        if not yes:   # what would go, shown first; nothing is deleted before the answer
+            runs = [store.get_run(run_id) for run_id in run_ids]
+            click.echo(tabulate([[r.id, r.method, r.dataset, f"{r.rho:g}", r.seed, r.preset, r.status] for r in runs],
+                                headers=["run", "method", "dataset", "rho", "seed", "preset", "status"],
+                                tablefmt="github", disable_numparse=True))
+            click.confirm(f"Delete these {len(runs)} runs from {store.url}?", abort=True)
+        deleted = store.delete_runs(list(run_ids), running=running)
+    click.echo(f"{store.url}: {len(deleted)} runs deleted")
+
+
 @cli.command(name="list")
 @click.argument("what", type=click.Choice(["methods", "datasets", "recipes", "runs"]))
 @click.option("--db", envvar="HARNESS_DB", help="SQLAlchemy URL of the results store.")

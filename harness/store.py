@@ -11,7 +11,7 @@ import json
 import os
 from datetime import datetime, timezone
 
-from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event,
+from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, delete, event,
                         insert, select, update)
 from sqlalchemy.dialects import mysql
 from sqlalchemy.exc import SQLAlchemyError
@@ -296,15 +296,37 @@ class Store:
         return {"copied": len(todo), "already here": len(here), "running left behind": left}
 
     def get_run(self, run_id: str) -> Run:
+        """The run with this id, or the one whose id starts with it, with everything it holds."""
         with self.session() as s:
-            run = s.get(Run, run_id)
-            if run is None:
-                matches = s.scalars(select(Run).where(Run.id.startswith(run_id))).all()
-                if len(matches) != 1:
-                    raise HarnessError(f"no run '{run_id}' in {self.url}; `harness list runs` shows them")
-                run = matches[0]
+            run = self._find(s, run_id)
             _ = (run.metrics, run.class_metrics, run.curves)  # load while the session is open
             return run
+
+    def _find(self, s: Session, run_id: str) -> Run:
+        run = s.get(Run, run_id)
+        if run is None:
+            matches = s.scalars(select(Run).where(Run.id.startswith(run_id))).all()
+            if len(matches) != 1:
+                raise HarnessError(f"no run '{run_id}' in {self.url}; `harness list runs` shows them")
+            run = matches[0]
+        return run
+
+    def delete_runs(self, run_ids: list[str], running: bool = False) -> list[Run]:
+        """Delete these runs (ids or unique prefixes) with their metrics, per-class rows and
+        curves, in one transaction: all of them or, when one is unknown or refused, none. A
+        `running` row is refused unless `running`: its process, if alive, would complete a row
+        that is gone. Returns the runs deleted."""
+        with self.session() as s, s.begin():
+            runs = list({run.id: run for run in (self._find(s, run_id) for run_id in run_ids)}.values())
+            live = [run.id for run in runs if run.status == "running"]
+            if live and not running:
+                raise HarnessError(f"run {', '.join(live)} is running; stop its process first, or pass --running "
+                                   "to delete it anyway (a live process would then fail at its end)")
+            ids = [run.id for run in runs]
+            for table in (CurvePoint, ClassMetric, Metric):
+                s.execute(delete(table).where(table.run_id.in_(ids)))
+            s.execute(delete(Run).where(Run.id.in_(ids)).execution_options(synchronize_session=False))
+            return runs
 
     def list_runs(self, **equal) -> list[Run]:
         """Runs in the order they started, with their metrics; `equal` keeps those whose columns

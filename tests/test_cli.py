@@ -12,9 +12,9 @@ from tests.synthetic import BENCHMARKS_YAML
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def harness(*args, env=None, cwd=None):
+def harness(*args, env=None, cwd=None, input=None):
     return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=300)
+                          env=env, cwd=cwd, timeout=300, input=input)
 
 
 @pytest.fixture
@@ -188,6 +188,21 @@ def test_db_merge_command(tmp_path, env):
     assert "done" in listed.stdout and "82.46" in listed.stdout and "live" not in listed.stdout
     again = harness("db", "merge", f"sqlite:///{gpu}", env=env)
     assert "0 runs copied" in again.stdout and "2 already here" in again.stdout
+
+
+def test_db_delete_asks_first_and_deletes_what_list_runs_names(tmp_path, env):
+    from tests.test_store import finished_store
+
+    finished_store(env["HARNESS_DB"]).close()   # done (completed), broke (failed), live (running)
+    declined = harness("db", "delete", "done", "broke", env=env, input="n\n")
+    assert declined.returncode != 0 and "| done " in declined.stdout and "Delete these 2 runs" in declined.stdout
+    assert harness("list", "runs", "--names", env=env).stdout.split() == ["done", "broke", "live"]
+    failed = harness("list", "runs", "--names", "--status", "failed", env=env).stdout.split()
+    out = harness("db", "delete", "--yes", *failed, env=env)
+    assert out.returncode == 0 and "1 runs deleted" in out.stdout, out.stderr
+    refused = harness("db", "delete", "--yes", "done", "live", env=env)
+    assert refused.returncode == 2 and "live is running" in refused.stderr
+    assert harness("list", "runs", "--names", env=env).stdout.split() == ["done", "live"]
 
 
 def test_list_runs_filters_and_names(tmp_path, env):

@@ -269,6 +269,25 @@ def test_merge_copies_finished_runs_whole_once_and_leaves_running_ones(tmp_path,
     assert len(dest.get_run("done").class_metrics) == 3
 
 
+def test_delete_takes_a_run_whole_or_nothing_and_a_running_row_only_when_asked(store_url):
+    store = finished_store(store_url)   # done (completed, with children), broke (failed), live (running)
+    new_run(store, "done-too")
+    with pytest.raises(HarnessError, match="no run 'nope'"):
+        store.delete_runs(["broke", "nope"])
+    with pytest.raises(HarnessError, match="run live is running; stop its process first, or pass --running"):
+        store.delete_runs(["broke", "live"])
+    assert {r.id for r in store.list_runs()} == {"done", "broke", "live", "done-too"}   # nothing went
+    with pytest.raises(HarnessError, match="no run 'do'"):   # a prefix of two runs is no run
+        store.delete_runs(["do"])
+    assert sorted(r.id for r in store.delete_runs(["done", "brok", "done"])) == ["broke", "done"]
+    with create_engine(store_url).connect() as con:   # the children went with their run
+        left = {t: con.execute(text(f"SELECT COUNT(*) FROM {t} WHERE run_id = 'done'")).scalar()
+                for t in ("metrics", "class_metrics", "curves")}
+    assert left == {"metrics": 0, "class_metrics": 0, "curves": 0}
+    assert [r.id for r in store.delete_runs(["live"], running=True)] == ["live"]
+    assert [r.id for r in store.list_runs()] == ["done-too"]
+
+
 def test_merge_reads_every_backend(tmp_path, store_url):
     source = finished_store(store_url)
     dest = Store(f"sqlite:///{tmp_path / 'results.db'}")
