@@ -611,8 +611,7 @@ class Proof:
         if rendered is None or board is None or not (rendered.ok and board.ok):
             return
         runs = completed_runs(self.layout.store, dataset=self.target.dataset, preset=self.target.preset)
-        table["results"] = board_results(self.layout.board, self.target, runs,
-                                         self.precision())
+        table["results"] = board_results(self.layout.board, self.target, runs, self.precision())
         table["timing"] = {ph.name: phase_timing(runs, table["phases"][ph.name]["calls"], ph.rhos,
                                                  self.phase_methods(ph), self.phase_seeds(ph), self.precision(ph.precision))
                            for ph in self.target.phases if ph.name in table["phases"]}
