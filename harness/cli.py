@@ -254,7 +254,7 @@ def delete_(run_ids, url, running, yes) -> None:
 
     with Store(url, create=False) as store:
         if not yes:   # what would go, shown first; nothing is deleted before the answer
-            runs = [store.get_run(run_id) for run_id in run_ids]
+            runs = store.find_runs(list(run_ids))
             click.echo(tabulate([[r.id, r.method, r.dataset, f"{r.rho:g}", r.seed, r.preset, r.status] for r in runs],
                                 headers=["run", "method", "dataset", "rho", "seed", "preset", "status"],
                                 tablefmt="github", disable_numparse=True))

@@ -250,7 +250,8 @@ def resolve(doc: dict, *, method: str, dataset: str, rho: float, seed: int, pres
 
 def deviations_of(recipe: dict, **run) -> list[str]:
     """The recipe's deviations that hold for a run with these choices (backbone, generator):
-    an entry {text, unless: {backbone: resnet34-cifar}} is one the command line can undo."""
+    an entry {text, unless: {backbone: resnet34-cifar}} is one the command line can undo.
+    Without choices, every deviation's text (what `harness list recipes` shows)."""
     out = []
     for entry in recipe.get("deviations", []):
         if isinstance(entry, str):
@@ -284,8 +285,7 @@ def recipe_rows(doc: dict, dataset: str | None = None) -> list[list[str]]:
             rows.append([name, method, recipe.get("backbone", bench.get("backbone", "")),
                          describe_stage(recipe.get("stage1")), describe_stage(recipe.get("stage2")),
                          recipe.get("augmentation", bench.get("augmentation", "dataset default")),
-                         per_rho or "—", "; ".join(d if isinstance(d, str) else d["text"]
-                                                  for d in recipe.get("deviations", [])) or "—"])
+                         per_rho or "—", "; ".join(deviations_of(recipe)) or "—"])
     return rows
 
 

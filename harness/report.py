@@ -23,7 +23,7 @@ from harness.config import load_benchmarks
 from harness.formatting import fmt
 from harness.report_plots import (PER_CLASS, TAU_SWEEP, TUNING, WEIGHT_NORMS, PlotCache, PlotJob, Rendering,
                                   data_uri, default_cache)
-from harness.report_protocol import (DEFAULT_AUGMENTATION, MATCHED, Reference, closest_differences, compare,
+from harness.report_protocol import (DEFAULT_AUGMENTATION, SETUP, Reference, closest_differences, compare,
                                      our_protocol, readable)
 from harness.store import ClassMetric, CurvePoint, Metric, Run, Store
 
@@ -31,7 +31,6 @@ GROUPS = ("all", "many", "medium", "few")
 TASK = "Long-tail Learning"
 METRIC_NAMES = {"top1": "Top-1 Accuracy", "error": "Error Rate"}
 BOARD_KEY = ["dataset", "rho", "preset"]
-SETUP = (*MATCHED, "precision")    # what makes a setup: the fields a reference must match, and the arithmetic
 ROW_KEY = ["method", *SETUP]       # a board row: one method on one setup
 RANKED = and_(Run.status == "completed", Run.study.is_(None))
 # a study's chosen setting, retrained: preset tuned, or <preset>-tuned for another budget (harness.tune)

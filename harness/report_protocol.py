@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 MATCHED = ("backbone", "generator", "epochs", "augmentation")   # all equal to ours, or no Δ
 NOTED = ("framework", "selection", "runs", "tta", "precision")   # named beside Δ when they differ
+SETUP = (*MATCHED, "precision")   # what makes a board row's setup: the matched fields and the arithmetic
 # what a reference that leaves a noted field out used: no test-time augmentation, and fp32, in
 # which every official code of benchmarks.yaml's methods trains and evaluates
 UNSTATED = {"tta": "none", "precision": "fp32"}
@@ -80,7 +81,7 @@ def readable(value) -> str:
 
 def our_protocol(row: dict) -> dict:
     """The protocol of one board row: its runs' setup plus how this harness reports."""
-    ours = {name: row.get(name) for name in (*MATCHED, "precision")}
+    ours = {name: row.get(name) for name in SETUP}
     return {**ours, **OUR_METHOD_OF_REPORTING, "runs": row.get("n")}
 
 

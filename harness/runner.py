@@ -142,8 +142,9 @@ def execute(req: RunRequest) -> list[RunResult]:
     if store:
         for run_id in store.fail_dead_runs():
             announce(f"run {run_id} was still `running`, but its process is gone: marked failed")
+    process = this_process()
     for job in jobs if store else []:
-        job.ctx.extra.update(process=this_process(), precision=precision_on(device, job.cfg.precision))
+        job.ctx.extra.update(process=process, precision=precision_on(device, job.cfg.precision))
         store.start_run(Run(
             id=job.run_id, method=job.cfg.method, dataset=job.cfg.dataset, rho=job.cfg.rho,
             backbone=job.cfg.backbone, seed=job.cfg.seed, generator=job.cfg.generator, preset=job.cfg.preset,

@@ -311,13 +311,21 @@ class Store:
             run = matches[0]
         return run
 
+    def find_runs(self, run_ids: list[str]) -> list[Run]:
+        """The runs these ids or unique prefixes name, each once, without what they hold."""
+        with self.session() as s:
+            return self._find_all(s, run_ids)
+
+    def _find_all(self, s: Session, run_ids: list[str]) -> list[Run]:
+        return list({run.id: run for run in (self._find(s, run_id) for run_id in run_ids)}.values())
+
     def delete_runs(self, run_ids: list[str], running: bool = False) -> list[Run]:
         """Delete these runs (ids or unique prefixes) with their metrics, per-class rows and
         curves, in one transaction: all of them or, when one is unknown or refused, none. A
         `running` row is refused unless `running`: its process, if alive, would complete a row
         that is gone. Returns the runs deleted."""
         with self.session() as s, s.begin():
-            runs = list({run.id: run for run in (self._find(s, run_id) for run_id in run_ids)}.values())
+            runs = self._find_all(s, run_ids)
             live = [run.id for run in runs if run.status == "running"]
             if live and not running:
                 raise HarnessError(f"run {', '.join(live)} is running; stop its process first, or pass --running "
