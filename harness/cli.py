@@ -383,9 +383,9 @@ def report(db, fmt_, out, file_, benchmarks) -> None:
     from harness.store import Store
 
     target = Path(out) if fmt_ in ("site", "html", "markdown") else Path(file_) if file_ else None
-    if target is not None:
-        check_writable(target, folder=fmt_ in ("site", "html", "markdown"))
-    with Store(db, create=False) as store:
+    with Store(db, create=False) as store:   # a missing store is refused before --out is made
+        if target is not None:
+            check_writable(target, folder=fmt_ in ("site", "html", "markdown"))
         boards = rep.build_boards(store, benchmarks, plots=fmt_ in ("site", "html"))
     if fmt_ in ("site", "html", "markdown"):
         written = []

@@ -27,6 +27,18 @@ def lt_counts(n_max: int, num_classes: int, rho: float) -> list[int]:
     return [int(n_max * rho ** (-c / (num_classes - 1))) for c in range(num_classes)]
 
 
+def check_tail(n_max: int, num_classes: int, rho: float, what: str) -> None:
+    """Refuse a profile that would leave a class without a training image (the tail keeps
+    int(n_max / rho)): its accuracy, and a prior or class weight built on its count, mean nothing."""
+    if min(lt_counts(n_max, num_classes, rho)) >= 1:
+        return
+    largest = n_max   # int() rounds n_max * n_max ** -1 down to 0 for some n_max (49, 98, ...)
+    while largest > 1 and min(lt_counts(n_max, num_classes, largest)) < 1:
+        largest -= 1
+    raise HarnessError(f"rho {rho:g} leaves the tail classes of {what} without a training image; "
+                       f"the largest rho it allows is {largest} (n_max {n_max})")
+
+
 def select_lt(targets: np.ndarray, counts: list[int], generator: str = "ldam") -> np.ndarray:
     """Indices of the long-tailed training subset, grouped by class in label order.
 

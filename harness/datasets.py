@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from harness import HarnessError
-from harness.data import LTData, holdout_val, lt_counts, select_lt
+from harness.data import LTData, check_tail, holdout_val, lt_counts, select_lt
 
 FMNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -52,9 +52,7 @@ class DatasetSpec:
 
     def check_rho(self, rho: float) -> None:
         """Refuse a profile that would leave a class without a training image."""
-        if min(lt_counts(self.n_max, self.num_classes, rho)) < 1:  # the tail keeps int(n_max / rho)
-            raise HarnessError(f"rho {rho:g} leaves the tail classes of {self.name} without a training image; "
-                               f"the largest rho it allows is {self.n_max} (its n_max)")
+        check_tail(self.n_max, self.num_classes, rho, self.name)
 
     def device_data(self, data: LTData, device, recipe: dict | None = None):
         """The data on the device, with the recipe's augmentation (crop, flip) and normalisation."""

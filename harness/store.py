@@ -286,12 +286,14 @@ class Store:
             todo = sorted(i for i, state in states.items() if state != "running" and i not in here)
             for start in range(0, len(todo), chunk):
                 ids = todo[start:start + chunk]
-                for table in tables:
-                    key = table.c.id if table is Run.__table__ else table.c.run_id
-                    with source.engine.connect() as src:
+                # One source transaction per chunk, not per merge: a SQLite transaction holds the
+                # store's write lock (BEGIN IMMEDIATE), and runs may still be writing to the source.
+                with source.engine.connect() as src:
+                    for table in tables:
+                        key = table.c.id if table is Run.__table__ else table.c.run_id
                         rows = [portable(table, r) for r in src.execute(select(table).where(key.in_(ids))).mappings()]
-                    if rows:
-                        dest.execute(insert(table), rows)
+                        if rows:
+                            dest.execute(insert(table), rows)
         left = sum(1 for i, state in states.items() if state == "running" and i not in here)
         return {"copied": len(todo), "already here": len(here), "running left behind": left}
 
@@ -305,9 +307,12 @@ class Store:
     def _find(self, s: Session, run_id: str) -> Run:
         run = s.get(Run, run_id)
         if run is None:
-            matches = s.scalars(select(Run).where(Run.id.startswith(run_id))).all()
-            if len(matches) != 1:
+            matches = s.scalars(select(Run).where(Run.id.startswith(run_id, autoescape=True)).limit(3)).all()
+            if not matches:
                 raise HarnessError(f"no run '{run_id}' in {self.url}; `harness list runs` shows them")
+            if len(matches) > 1:
+                names = ", ".join(run.id for run in matches[:2]) + (", ..." if len(matches) > 2 else "")
+                raise HarnessError(f"'{run_id}' begins several run ids ({names}); give more of the one you mean")
             run = matches[0]
         return run
 

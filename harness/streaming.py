@@ -174,6 +174,12 @@ class FolderLTSpec(ListDatasetSpec):
         (train, classes), (test, test_classes) = (image_folder_files(top / split) for split in ("train", "test"))
         if not classes or classes != test_classes:
             raise HarnessError(f"train/ and test/ under {top} must hold the same, non-empty set of class folders")
+        for split, files in (("train", train), ("test", test)):   # a class without images has no accuracy
+            empty = [name for label, name in enumerate(classes) if label not in {y for _, y in files}]
+            if empty:
+                raise HarnessError(f"class folder {top / split / empty[0]} holds no files"
+                                   f"{f' (nor {len(empty) - 1} more)' if len(empty) > 1 else ''}; "
+                                   "add images or remove the class from train/ and test/")
         relative = lambda files: [(str(p.relative_to(top)), c) for p, c in files]  # noqa: E731
         return {"classes": classes, "top": top, "train": relative(train), "test": relative(test)}
 
@@ -182,7 +188,7 @@ class FolderLTSpec(ListDatasetSpec):
 
     def build(self, rho, generator, val_per_class, data_root: Path | None, download: bool = False,
               cache: Path | None = None) -> FileLTData:
-        from harness.data import holdout_val, lt_counts, select_lt
+        from harness.data import check_tail, holdout_val, lt_counts, select_lt
 
         tree = self._tree(data_root)
         items, classes = tree["train"], tree["classes"]
@@ -191,6 +197,7 @@ class FolderLTSpec(ListDatasetSpec):
         if generator == "natural":
             train, val = items, []
         else:
+            check_tail(int(available.min()), len(classes), rho, f"{self.name} at {tree['top']}")
             kept = select_lt(labels, lt_counts(int(available.min()), len(classes), rho), generator)
             held = holdout_val(labels, kept, val_per_class) if val_per_class > 0 else np.zeros(0, dtype=int)
             train, val = [items[i] for i in kept], [items[i] for i in held]

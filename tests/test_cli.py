@@ -80,7 +80,7 @@ def test_not_a_database_is_a_clear_error(tmp_path, env):
     assert junk.read_bytes() == b"this is not sqlite" * 100
 
 
-@pytest.mark.parametrize("command", [["list", "runs"], ["show", "abc123"], ["report", "--format", "table"]])
+@pytest.mark.parametrize("command", [["list", "runs"], ["show", "abc123"], ["report", "--format", "table"], ["report"]])
 def test_reading_a_store_that_does_not_exist_names_the_fix_and_makes_none(tmp_path, env, command):
     """A typo in --db used to give an empty leaderboard and leave an empty results store behind."""
     typo = tmp_path / "resluts.db"
@@ -89,6 +89,7 @@ def test_reading_a_store_that_does_not_exist_names_the_fix_and_makes_none(tmp_pa
     assert out.returncode == 2 and len(line) == 1, out.stderr
     assert f"no results store at {typo}; check --db / HARNESS_DB" in line[0]
     assert not typo.exists() and not list(tmp_path.glob("resluts.db*"))
+    assert not (tmp_path / "reports").exists()   # nor the report's --out folder
 
 
 def write_synth_plugin(site, method_body=None, broken=False):

@@ -179,6 +179,23 @@ def test_folder_lt_natural_and_cut_to_a_ratio(large, tmp_path):
     assert FOLDER_LT.workers >= 1  # this spec decodes in DataLoader worker processes
 
 
+def test_folder_lt_refuses_a_class_without_images_before_training(large, tmp_path):
+    """An empty class folder, or a ratio whose tail keeps int(n_max / rho) = 0 images, made
+    a class with no accuracy (and a traceback from the counting): both are named up front."""
+    root = folder_tree(tmp_path / "folder", [6, 3, 4])
+    [f.unlink() for f in (root / "test" / "class2").iterdir()]
+    with pytest.raises(HarnessError, match=r"class folder .*test/class2 holds no files; add images or remove"):
+        run("ce", root, dataset="folder-lt")
+    [f.unlink() for f in (root / "train" / "class2").iterdir()]
+    with pytest.raises(HarnessError, match=r"class folder .*train/class2 holds no files; add"):
+        run("ce", root, dataset="folder-lt")
+    (root / "train" / "class2").rmdir(), (root / "test" / "class2").rmdir()
+    with pytest.raises(HarnessError, match="rho 4 leaves the tail classes of folder-lt at .* without a training "
+                                           r"image; the largest rho it allows is 3 \(n_max 3\)"):
+        run("ce", root, dataset="folder-lt", rho=4.0)   # n_max = the smallest class (3): 3, int(0.75)
+    assert not (tmp_path / "results.db").exists()
+
+
 def test_a_class_name_the_store_cannot_keep_is_refused_before_training(large, tmp_path):
     """PostgreSQL and MySQL refuse a class name longer than the column when the run completes,
     which lost the training; every store now refuses it up front, and nothing is written."""

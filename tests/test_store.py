@@ -277,8 +277,10 @@ def test_delete_takes_a_run_whole_or_nothing_and_a_running_row_only_when_asked(s
     with pytest.raises(HarnessError, match="run live is running; stop its process first, or pass --running"):
         store.delete_runs(["broke", "live"])
     assert {r.id for r in store.list_runs()} == {"done", "broke", "live", "done-too"}   # nothing went
-    with pytest.raises(HarnessError, match="no run 'do'"):   # a prefix of two runs is no run
+    with pytest.raises(HarnessError, match="'do' begins several run ids"):   # a prefix of two runs names neither
         store.delete_runs(["do"])
+    with pytest.raises(HarnessError, match="no run 'd_ne'"):   # a prefix is text, not a LIKE pattern
+        store.delete_runs(["d_ne"])
     assert sorted(r.id for r in store.delete_runs(["done", "brok", "done"])) == ["broke", "done"]
     with create_engine(store_url).connect() as con:   # the children went with their run
         left = {t: con.execute(text(f"SELECT COUNT(*) FROM {t} WHERE run_id = 'done'")).scalar()
