@@ -120,12 +120,27 @@ def check_shapes(spec: DatasetSpec, raw: RawSplits) -> None:
 # ---------------------------------------------------------------- image folders
 
 def image_folder_files(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
-    """(file, label) for every file of `root/<class>/*`, and the class names: classes
-    sorted by name (as torchvision's ImageFolder does), files in name order within a class."""
+    """(file, label) for every image file of `root/<class>/*`, and the class names: classes
+    sorted by name and files in name order within a class, images known by their extension
+    (torchvision's ImageFolder's, so that a .DS_Store or notes.txt beside them is no sample)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     files = [(p, label) for label, name in enumerate(classes)
-             for p in sorted((root / name).iterdir()) if p.is_file()]
+             for p in sorted((root / name).iterdir()) if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS]
     return files, classes
+
+
+class UnreadableImage(HarnessError):
+    """An image file PIL cannot decode. Raised in a DataLoader worker, it reaches the training
+    process re-made from the worker's formatted traceback (torch keeps the type, not the
+    exception), whose last line is `harness.datasets.UnreadableImage: <message>`: the message is
+    taken back from it, so that the CLI prints one line and the failed run stores it."""
+
+    def __init__(self, message: str):
+        if message.startswith("Caught "):
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(message)
 
 
 def decode_file(path: Path, channels: int) -> torch.Tensor:
@@ -151,7 +166,7 @@ def load_image_folder(root: Path, channels: int) -> tuple[torch.Tensor, np.ndarr
         try:
             images.append(decode_file(path, channels))
         except (OSError, ValueError) as exc:  # PIL: not an image (UnidentifiedImageError), truncated file
-            raise HarnessError(f"cannot decode image {path}: {exc}") from exc
+            raise UnreadableImage(f"cannot decode image {path}: {exc}; replace or remove it") from exc
         labels.append(label)
     shapes = {tuple(im.shape) for im in images}
     if len(shapes) != 1:

@@ -177,7 +177,7 @@ class FolderLTSpec(ListDatasetSpec):
         for split, files in (("train", train), ("test", test)):   # a class without images has no accuracy
             empty = [name for label, name in enumerate(classes) if label not in {y for _, y in files}]
             if empty:
-                raise HarnessError(f"class folder {top / split / empty[0]} holds no files"
+                raise HarnessError(f"class folder {top / split / empty[0]} holds no image files"
                                    f"{f' (nor {len(empty) - 1} more)' if len(empty) > 1 else ''}; "
                                    "add images or remove the class from train/ and test/")
         relative = lambda files: [(str(p.relative_to(top)), c) for p, c in files]  # noqa: E731
@@ -218,9 +218,15 @@ class FileDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         from PIL import Image
 
+        from harness.datasets import UnreadableImage
+
         path, label = self.items[i]
-        with Image.open(self.root / path) as img:
-            return self.transform(img.convert("RGB")), label
+        try:
+            with Image.open(self.root / path) as img:
+                rgb = img.convert("RGB")
+        except (OSError, ValueError) as exc:  # PIL: not an image (UnidentifiedImageError), truncated file
+            raise UnreadableImage(f"cannot decode image {self.root / path}: {exc}; replace or remove it") from None
+        return self.transform(rgb), label
 
 
 def transforms_for(spec: ListDatasetSpec, train: bool, tokens=("rrc", "flip", "jitter"), mean=None, std=None):

@@ -20,7 +20,8 @@ def image_tree(root, classes=10, size=32, junk=False):
             d.mkdir(parents=True)
             Image.new("RGB", (size, size), (10 * c,) * 3).save(d / "0.png")
             if junk and split == "train" and c == 3:
-                (d / "notes.txt").write_text("not an image")
+                (d / "notes.txt").write_text("not an image, and not named as one: skipped")
+                (d / "1.png").write_text("not an image, but named as one")
     return root
 
 

@@ -184,16 +184,37 @@ def test_folder_lt_refuses_a_class_without_images_before_training(large, tmp_pat
     a class with no accuracy (and a traceback from the counting): both are named up front."""
     root = folder_tree(tmp_path / "folder", [6, 3, 4])
     [f.unlink() for f in (root / "test" / "class2").iterdir()]
-    with pytest.raises(HarnessError, match=r"class folder .*test/class2 holds no files; add images or remove"):
+    with pytest.raises(HarnessError, match=r"class folder .*test/class2 holds no image files; add images or remove"):
         run("ce", root, dataset="folder-lt")
     [f.unlink() for f in (root / "train" / "class2").iterdir()]
-    with pytest.raises(HarnessError, match=r"class folder .*train/class2 holds no files; add"):
+    with pytest.raises(HarnessError, match=r"class folder .*train/class2 holds no image files; add"):
         run("ce", root, dataset="folder-lt")
     (root / "train" / "class2").rmdir(), (root / "test" / "class2").rmdir()
     with pytest.raises(HarnessError, match="rho 4 leaves the tail classes of folder-lt at .* without a training "
                                            r"image; the largest rho it allows is 3 \(n_max 3\)"):
         run("ce", root, dataset="folder-lt", rho=4.0)   # n_max = the smallest class (3): 3, int(0.75)
     assert not (tmp_path / "results.db").exists()
+
+
+def test_folder_lt_skips_files_that_are_no_images_and_names_one_it_cannot_decode(large, tmp_path):
+    """A .DS_Store beside the images was a sample, and the run died in a DataLoader worker with
+    PIL's traceback; now files are images by their extension (as ImageFolder's), and an image
+    that does not decode fails the run with one line naming it."""
+    root = folder_tree(tmp_path / "folder", [6, 3])
+    (root / "train" / "class0" / ".DS_Store").write_bytes(b"\0\1 finder junk")
+    (root / "test" / "class1" / "notes.txt").write_text("where these came from")
+    [res] = run("ce", root, dataset="folder-lt")
+    row = Store(large[1]).get_run(res.run_id)
+    assert row.status == "completed"
+    assert [c.train_count for c in sorted(row.class_metrics, key=lambda c: c.class_index)] == [6, 3]
+    (root / "train" / "class1" / "9.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(HarnessError) as caught:
+        run("ce", root, dataset="folder-lt")
+    line = f"cannot decode image {root / 'train' / 'class1' / '9.jpg'}: cannot identify image file"
+    assert str(caught.value).startswith(line) and str(caught.value).endswith("; replace or remove it")
+    assert "\n" not in str(caught.value)   # the worker's traceback is not the message
+    [failed] = [r for r in Store(large[1]).list_runs() if r.status == "failed"]
+    assert failed.error.startswith(f"UnreadableImage: {line}")
 
 
 def test_a_class_name_the_store_cannot_keep_is_refused_before_training(large, tmp_path):
