@@ -97,7 +97,7 @@ def prepare(req: RunRequest, seed: int) -> tuple[Method, object, RunConfig]:
         raise HarnessError(f"the recipe of {req.method} on {req.dataset} lacks {', '.join(missing)}; "
                            f"add them in {load_benchmarks(req.benchmarks)['_path']}")
     check_rho = getattr(spec, "check_rho", None)
-    if check_rho is not None and cfg.generator != "natural":
+    if check_rho is not None and req.rho != "natural":   # a ratio asked for, not the one the data has
         check_rho(cfg.rho)
     check_backbone(cfg.backbone)
     return method, spec, cfg

@@ -94,6 +94,11 @@ class ListDatasetSpec:
                                "classifier-balancing release) in --data-root")
         return path
 
+    def check_rho(self, rho: float) -> None:
+        """Refuse a ratio before the data is read (a sweep's --dry-run included): the release's
+        split lists are its only long tail."""
+        raise HarnessError(f"{self.title} has a fixed long tail (its split lists); pass --rho natural")
+
     def natural_rho(self, data_root: Path | None) -> float:
         """n_max / n_min of the release's training list (the only ratio it has)."""
         path = self._list(self._root(data_root), "train")
@@ -182,6 +187,9 @@ class FolderLTSpec(ListDatasetSpec):
                                    "add images or remove the class from train/ and test/")
         relative = lambda files: [(str(p.relative_to(top)), c) for p, c in files]  # noqa: E731
         return {"classes": classes, "top": top, "train": relative(train), "test": relative(test)}
+
+    def check_rho(self, rho: float) -> None:
+        """Any ratio: the tail it leaves is checked once the tree is read (its smallest class is n_max)."""
 
     def natural_rho(self, data_root: Path | None) -> float:
         return ratio(np.bincount([y for _, y in self._tree(data_root)["train"]]))

@@ -1,4 +1,6 @@
 """`harness sweep`: grid expansion, skipping what is done, one stage 1 per chain, workers."""
+from pathlib import Path
+
 from harness.runner import RunRequest
 from harness.store import Store
 from harness.sweep import chains, execute_sweep, plan
@@ -59,6 +61,13 @@ def test_sweep_bad_input_is_one_line_and_runs_nothing(tmp_path):
         assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, \
             out.stderr
         assert not (tmp_path / "r.db").exists(), args   # refused before the store is opened
+    # a ratio of a dataset whose tail is its split lists: refused by the plan, before any data is
+    # read (a dry run listed the runs, and each failed on its data)
+    out = harness("sweep", "--benchmarks", str(Path(__file__).parents[1] / "benchmarks.yaml"), "--datasets",
+                  "imagenet-lt", "--rho", "100", "--dry-run", env=env, cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.strip() == \
+        "error: ImageNet-LT has a fixed long tail (its split lists); pass --rho natural", out.stderr
+    assert not (tmp_path / "r.db").exists()
 
 
 def test_sweep_on_a_local_ray_instance(tmp_path):
