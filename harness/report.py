@@ -336,7 +336,8 @@ def start_plots(store: Store, studies: dict[tuple, list[Study]], cache: PlotCach
                            for method, setup in zip(g["method"], setup_names(g))])
         jobs[key, PER_CLASS] = PlotJob(PER_CLASS, g[["line", "train_count", "accuracy"]].reset_index(drop=True))
         jobs[key, WEIGHT_NORMS] = PlotJob(WEIGHT_NORMS,
-                                          g[["line", "class_index", "weight_norm"]].reset_index(drop=True))
+                                          g[["line", "class_index", "train_count", "weight_norm"]]
+                                          .reset_index(drop=True))
     for key, g in load_tau_sweeps(store).groupby(BOARD_KEY, sort=False):
         g = g.assign(setup=setup_names(g))
         jobs[key, TAU_SWEEP] = PlotJob(TAU_SWEEP, g[["setup", "split", "group", "x", "value"]].reset_index(drop=True))

@@ -54,15 +54,42 @@ class PlotJob:
 
 # ---------------------------------------------------------------- drawings
 
+MOST_CLASSES = 100    # classes a line shows one by one; of more (ImageNet-LT's 1,000, iNat's 8,142), bin means
+
+
+def bin_means(x: pd.Series, y: pd.Series, bins: int, log: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Means of x and y over `bins` equal-width (log: log-spaced) bins of x, empty ones left out:
+    a thousand classes drawn one by one are a band, not a curve."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if log:   # a log axis has no place for a class without training images
+        x, y = x[x > 0], y[x > 0]
+    scale = np.log(x) if log else x
+    edges = np.linspace(scale.min(), scale.max(), bins + 1)
+    which = np.clip(np.searchsorted(edges, scale, side="right") - 1, 0, bins - 1)
+    means = pd.DataFrame({"bin": which, "x": scale, "y": y}).groupby("bin").mean()
+    return (np.exp(means["x"]) if log else means["x"]).to_numpy(), means["y"].to_numpy()
+
+
+def many_classes(data: pd.DataFrame) -> int | None:
+    """The board's number of classes where it is too many to draw one by one, else None."""
+    n = int(data.groupby("line").size().max())
+    return n if n > MOST_CLASSES else None
+
+
 def draw_per_class(ax, data: pd.DataFrame) -> None:
+    binned = many_classes(data)
     for line, g in data.groupby("line"):
         g = g.sort_values("train_count", ascending=False)
-        ax.plot(g["train_count"], g["accuracy"], marker="o", ms=3, lw=1.2, label=line)
+        x, y = bin_means(g["train_count"], g["accuracy"], 30, log=True) if binned else \
+            (g["train_count"], g["accuracy"])
+        ax.plot(x, y, marker="o", ms=3, lw=1.2, label=line)
     ax.set_xscale("log")
     plain_log_ticks(ax.xaxis)
     ax.set_xlabel("training images of the class (log)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Per-class accuracy against training count", y=1.0, pad=14)
+    ax.set_ylabel("test accuracy (%)" + (", bin mean" if binned else ""))
+    ax.set_title("Per-class accuracy against training count" +
+                 (f"\n{binned:,} classes: means over 30 log-spaced bins of training count" if binned else ""),
+                 y=1.0, pad=14, fontsize=None if not binned else 10)
     for edge in (19.5, 100.5):  # shot-group boundaries: few < 20 <= medium <= 100 < many
         ax.axvline(edge, color="#bbb", lw=0.8, ls="--")
     for x, name in ((19.5, "few ←"), (100.5, "→ many")):
@@ -71,12 +98,19 @@ def draw_per_class(ax, data: pd.DataFrame) -> None:
 
 
 def draw_weight_norms(ax, data: pd.DataFrame) -> None:
+    """Classes from head to tail by training count (a class index is that order only where the
+    benchmark numbers its classes so, as the CIFAR-LT cuts do; ImageNet-LT's labels do not)."""
+    binned = many_classes(data)
     for line, g in data.groupby("line"):
-        g = g.sort_values("class_index")
-        ax.plot(g["class_index"], g["weight_norm"], marker=".", ms=3, lw=1.2, label=line)
-    ax.set_xlabel("class index (head → tail)")
-    ax.set_ylabel("‖w_c‖ of the final classifier")
-    ax.set_title("Classifier weight norm per class", y=1.0)
+        g = g.sort_values(["train_count", "class_index"], ascending=[False, True], kind="stable")
+        rank = pd.Series(np.arange(len(g)))
+        x, y = bin_means(rank, g["weight_norm"], 50, log=False) if binned else (rank, g["weight_norm"])
+        ax.plot(x, y, marker=".", ms=3, lw=1.2, label=line)
+    ax.set_xlabel("classes by training count (head → tail)")
+    ax.set_ylabel("‖w_c‖ of the final classifier" + (", bin mean" if binned else ""))
+    ax.set_title("Classifier weight norm per class" +
+                 (f"\n{binned:,} classes: means over 50 bins of classes" if binned else ""),
+                 y=1.0, fontsize=None if not binned else 10)
 
 
 def draw_tau_sweep(ax, data: pd.DataFrame) -> None:

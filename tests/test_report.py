@@ -5,6 +5,7 @@ import io
 import json
 import statistics
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -495,6 +496,47 @@ def test_a_legend_of_long_entries_gets_the_columns_that_fit_across_the_plot():
     assert 1 <= columns < 4
     legend = fig.legend(long, [h.get_label() for h in long], ncol=columns, fontsize=7)
     assert legend.get_window_extent(FigureCanvasAgg(fig).get_renderer()).width <= fig.bbox.width
+
+
+def test_bin_means_average_classes_within_equal_bins_of_x_or_log_x():
+    from harness.report_plots import bin_means
+
+    x, y = bin_means(pd.Series([0, 1, 2, 9, 10]), pd.Series([10.0, 20.0, 30.0, 40.0, 50.0]), bins=2, log=False)
+    assert x.tolist() == [1.0, 9.5] and y.tolist() == [20.0, 45.0]   # [0, 5), [5, 10]: the top edge is in
+    # log bins of counts 1..1000: [1, 10^1.5) and [10^1.5, 1000]; x is the bin's geometric mean; count 0 has no place
+    x, y = bin_means(pd.Series([0, 1, 100, 1000]), pd.Series([99.0, 10.0, 20.0, 40.0]), bins=2, log=True)
+    assert x == pytest.approx([1.0, 10 ** 2.5]) and y.tolist() == [10.0, 30.0]
+
+
+def drawn_lines(draw, data):
+    from matplotlib.figure import Figure
+
+    ax = Figure().add_subplot()
+    draw(ax, data)
+    return ax
+
+
+def test_weight_norms_run_head_to_tail_by_training_count_and_many_classes_are_binned():
+    """ImageNet-LT's class labels are not in order of frequency, as CIFAR-LT's are: the plot
+    orders classes by their training count. A thousand classes one by one are a band: they
+    are averaged in bins, and the title says so."""
+    from harness.report_plots import MOST_CLASSES, draw_per_class, draw_weight_norms
+
+    few = pd.DataFrame({"line": "ce", "class_index": [0, 1, 2], "train_count": [5, 50, 20],
+                        "weight_norm": [0.5, 2.0, 1.0], "accuracy": [10.0, 90.0, 50.0]})
+    [line] = drawn_lines(draw_weight_norms, few).get_lines()
+    assert line.get_xdata().tolist() == [0, 1, 2] and line.get_ydata().tolist() == [2.0, 1.0, 0.5]
+    ax = drawn_lines(draw_per_class, few)
+    assert ax.get_lines()[0].get_xdata().tolist() == [50, 20, 5] and "bins" not in ax.get_title()
+    n = 10 * MOST_CLASSES
+    many = pd.DataFrame({"line": "ce", "class_index": range(n), "train_count": np.arange(n)[::-1] + 1,
+                         "weight_norm": np.linspace(2, 1, n), "accuracy": np.linspace(90, 10, n)})
+    ax = drawn_lines(draw_weight_norms, many)
+    assert len(ax.get_lines()[0].get_xdata()) == 50 and f"{n:,} classes: means over 50 bins" in ax.get_title()
+    ax = drawn_lines(draw_per_class, many)
+    # counts 1, 2, 3 leave the first log bins between them empty: those have no point
+    assert 20 < len(ax.get_lines()[0].get_xdata()) < 30 and "30 log-spaced bins" in ax.get_title()
+    assert np.all(np.diff(ax.get_lines()[0].get_ydata()) > 0)   # accuracy rises with the count, bin by bin
 
 
 def test_titles_come_from_the_runs_without_importing_plugins(tmp_path, bench, monkeypatch):
