@@ -630,11 +630,14 @@ def render_pwc_json(boards: list[Board]) -> str:
     task -> datasets -> sota -> rows with metrics; each row adds the paper it was compared with."""
     datasets = []
     for b in boards:
-        rows = [{"model_name": r["method"], "paper_title": "", "paper_url": "", "paper_date": None,
+        # a method on several setups is several rows: each named with its setup, as the board shows it
+        several = b.rows["method"].duplicated(keep=False).tolist()
+        rows = [{"model_name": f"{r['method']} ({setup})" if twice else r["method"],
+                 "paper_title": b.about.get(r["method"], {}).get("paper", ""), "paper_url": "", "paper_date": None,
                  "code_links": [], "model_links": [], "uses_additional_data": False,
                  "metrics": {"Top-1 Accuracy": fmt(r["all_mean"]), "Error Rate": fmt(error_of(r["all_mean"]))},
                  "paper_reference": paper_reference(r)}
-                for _, r in b.rows.iterrows()]
+                for (_, r), setup, twice in zip(b.rows.iterrows(), setup_cells(b), several)]
         datasets.append({"dataset": f"{b.name} [{b.preset}]", "description": "", "dataset_links": [],
                          "subdatasets": [], "dataset_citations": [],
                          "sota": {"metrics": [METRIC_NAMES[b.metric],

@@ -304,6 +304,7 @@ def test_pwc_json_shape(boards):
     ds = task["datasets"][0]
     assert ds["sota"]["metrics"][0] == "Error Rate"
     assert ds["sota"]["rows"][0]["model_name"] == "wb"
+    assert ds["sota"]["rows"][0]["paper_title"] == "Alshammari et al., Long-Tailed Recognition via Weight Balancing, CVPR 2022"
     assert set(ds["sota"]["rows"][0]["metrics"]) == {"Top-1 Accuracy", "Error Rate"}
 
 
@@ -479,6 +480,8 @@ def test_precision_is_part_of_a_setup_and_named_against_the_papers_fp32_on_every
     assert [d.name for d in rows.loc["bf16", "paper_differs"]] == ["selection", "precision"]
     assert "precision" not in [d.name for d in rows.loc["fp32", "paper_differs"]]
     assert sorted(rep.setup_cells(board)) == ["resnet32 · precision bf16", "resnet32 · precision fp32"]
+    pwc = json.loads(rep.render_pwc_json([board]))[0]["datasets"][0]["sota"]["rows"]   # one name per row
+    assert sorted(r["model_name"] for r in pwc) == ["ce (resnet32 · precision bf16)", "ce (resnet32 · precision fp32)"]
 
 
 def test_a_legend_of_long_entries_gets_the_columns_that_fit_across_the_plot():
