@@ -158,6 +158,10 @@ def execute(req: RunRequest) -> list[RunResult]:
             results.append(finish(job, data, ddata, store, cache, req))
     except BaseException as exc:  # KeyboardInterrupt too: the rows must say the runs did not finish
         error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
+        if isinstance(exc, KeyboardInterrupt):   # the user's own stop, not a fault: no traceback to read
+            error = "interrupted (Ctrl-C); the same command resumes from the last epoch's checkpoint"
+            announce(f"interrupted: run {', '.join(job.run_id for job in jobs[len(results):])} marked failed; "
+                     "the same command resumes from the last epoch's checkpoint")
         for job in jobs[len(results):] if store else []:
             store.fail_run(job.run_id, error, time.perf_counter() - start, getattr(exc, "epoch", None))
             if isinstance(exc, RunStopped):

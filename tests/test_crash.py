@@ -88,6 +88,28 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_then_to_scratch(tmp_path)
     assert_same(reference, scratch)
 
 
+def test_ctrl_c_marks_the_run_failed_in_one_line_and_the_rerun_resumes(tmp_path):
+    env, _ = plugin_env(tmp_path)
+    env.update(HARNESS_DB=f"sqlite:///{tmp_path / 'r.db'}", HARNESS_CACHE=str(tmp_path / "cache"))
+    args = [sys.executable, "-m", "harness.cli", "run", "--method", "ce", "--dataset", "synth-lt", "--rho", "100",
+            "--epochs", "150", "--device", "cpu", "--no-progress"]
+    # SIGINT back to its default in the child: a shell's background job (CI) ignores it, and so would Python
+    victim = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while time.time() < deadline and victim.poll() is None and not any((tmp_path / "cache").glob("partial/*.pt")):
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGINT)
+    _, stderr = victim.communicate(timeout=120)
+    assert victim.returncode == 130, stderr
+    [row] = Store(env["HARNESS_DB"]).list_runs()
+    assert row.status == "failed"
+    assert row.error == "interrupted (Ctrl-C); the same command resumes from the last epoch's checkpoint"
+    assert f"interrupted: run {row.id} marked failed; the same command resumes" in stderr
+    rerun = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0 and "resuming stage 1 at epoch" in rerun.stderr, rerun.stderr
+
+
 def test_kill_9_mid_run_then_rerun_gives_the_uninterrupted_numbers(tmp_path):
     base_env, _ = plugin_env(tmp_path)
     args = [sys.executable, "-m", "harness.cli", "run", "--method", "ce", "--dataset", "synth-lt", "--rho", "100",
