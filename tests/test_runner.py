@@ -1,8 +1,10 @@
 """End to end on the synthetic dataset: real training, real store, tiny budget."""
 import pytest
+import torch
 from sqlalchemy import func, select
 
 import harness.runner as runner_mod
+from harness import HarnessError
 from harness.runner import RunRequest, execute
 from harness.store import ClassMetric, CurvePoint, Metric, Store
 from tests.synthetic import SYNTH_COUNTS
@@ -259,3 +261,22 @@ def test_the_precision_asked_for_is_what_the_forward_passes_compute_in_and_is_re
     assert not bf16.stage1_cached and not fp32.stage1_cached   # another arithmetic: its own stage 1
     assert losses(fp32.run_id) == losses(default.run_id)       # the CPU's default is fp32
     assert losses(bf16.run_id) != pytest.approx(losses(default.run_id), rel=1e-6)
+
+
+def test_running_out_of_gpu_memory_is_one_line_naming_the_fixes(synth, monkeypatch):
+    """torch's CUDA OOM is a page of allocator statistics; the run's row and the CLI get what
+    was asked for and what to change. (No GPU here: the error is raised where training runs.)"""
+    def out_of_memory(*_args, **_kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                          "capacity of 79.11 GiB of which 1.06 GiB is free. Including non-PyTorch")
+    monkeypatch.setattr(runner_mod, "fit_many", out_of_memory)
+    with pytest.raises(HarnessError) as caught:
+        execute(RunRequest(method="ce", dataset="synth-lt", rho=100, preset="quick", seeds=[0, 1], device="cpu",
+                           progress=False))
+    message = str(caught.value)
+    assert message.startswith("CUDA out of memory. Tried to allocate 2.00 GiB on cpu (")
+    assert message.endswith("; try fewer --seeds per command (they train at once), --precision bf16, a smaller "
+                            "batch_size in a copy of benchmarks.yaml (--benchmarks) or spreading each batch over "
+                            "GPUs with torchrun") and "\n" not in message
+    rows = Store(synth).list_runs()
+    assert [r.status for r in rows] == ["failed", "failed"] and {r.error for r in rows} == {message}
