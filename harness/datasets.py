@@ -142,6 +142,10 @@ class UnreadableImage(HarnessError):
             message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
         super().__init__(message)
 
+    @classmethod
+    def at(cls, path: Path, exc: Exception) -> UnreadableImage:
+        return cls(f"cannot decode image {path}: {exc}; replace or remove it")
+
 
 def decode_file(path: Path, channels: int) -> torch.Tensor:
     """One image file as a (C, H, W) uint8 tensor, with PIL as the streamed loader decodes.
@@ -166,7 +170,7 @@ def load_image_folder(root: Path, channels: int) -> tuple[torch.Tensor, np.ndarr
         try:
             images.append(decode_file(path, channels))
         except (OSError, ValueError) as exc:  # PIL: not an image (UnidentifiedImageError), truncated file
-            raise UnreadableImage(f"cannot decode image {path}: {exc}; replace or remove it") from exc
+            raise UnreadableImage.at(path, exc) from exc
         labels.append(label)
     shapes = {tuple(im.shape) for im in images}
     if len(shapes) != 1:

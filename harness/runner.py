@@ -162,19 +162,15 @@ def execute(req: RunRequest) -> list[RunResult]:
             error = "interrupted (Ctrl-C); the same command resumes from the last epoch's checkpoint"
             announce(f"interrupted: run {', '.join(job.run_id for job in jobs[len(results):])} marked failed; "
                      "the same command resumes from the last epoch's checkpoint")
-        if isinstance(exc, torch.cuda.OutOfMemoryError):   # the setup's size, not a fault: name the fixes
-            asked = ". ".join(str(exc).split(". ")[:2])     # "CUDA out of memory. Tried to allocate 2.00 GiB"
-            fixes = [*(["fewer --seeds per command (they train at once)"] if len(jobs) > 1 else []),
-                     *(["--precision bf16"] if precision_on(device, cfg0.precision) == "fp32" else []),
-                     "a smaller batch_size in a copy of benchmarks.yaml (--benchmarks)",
-                     "spreading each batch over GPUs with torchrun"]
-            error = f"{asked} on {where}, training {cfg0.backbone}; try {', '.join(fixes[:-1])} or {fixes[-1]}"
+        out_of_memory = isinstance(exc, torch.cuda.OutOfMemoryError)
+        if out_of_memory:   # the setup's size, not a fault: name the fixes
+            error = out_of_memory_text(exc, where, cfg0, len(jobs), precision_on(device, cfg0.precision))
         for job in jobs[len(results):] if store else []:
             store.fail_run(job.run_id, error, time.perf_counter() - start, getattr(exc, "epoch", None))
             if isinstance(exc, RunStopped):
                 drop_epoch_checkpoint(epoch_checkpoint_path(cache, job.key))
                 drop_epoch_checkpoint(epoch_checkpoint_path(cache, job.stage2_key))
-        if isinstance(exc, torch.cuda.OutOfMemoryError):
+        if out_of_memory:
             raise HarnessError(error) from None
         raise
     finally:
@@ -197,6 +193,17 @@ class Job:
     @property
     def stage2_key(self) -> str:   # names stage 2's epoch checkpoints: stage-1 identity + full config
         return f"{self.key}-{self.cfg.config_hash()}-stage2"
+
+
+def out_of_memory_text(exc: Exception, where: str, cfg: RunConfig, seeds: int, precision: str) -> str:
+    """torch's CUDA OOM (a page of allocator statistics) as one line: what was asked for, where,
+    and the changes that fit this run."""
+    asked = ". ".join(str(exc).split(". ")[:2])     # "CUDA out of memory. Tried to allocate 2.00 GiB"
+    fixes = [*(["fewer --seeds per command (they train at once)"] if seeds > 1 else []),
+             *(["--precision bf16"] if precision == "fp32" else []),
+             "a smaller batch_size in a copy of benchmarks.yaml (--benchmarks)",
+             "spreading each batch over GPUs with torchrun"]
+    return f"{asked} on {where}, training {cfg.backbone}; try {', '.join(fixes[:-1])} or {fixes[-1]}"
 
 
 def check_class_names(names: list[str]) -> None:

@@ -180,7 +180,8 @@ class FolderLTSpec(ListDatasetSpec):
         if not classes or classes != test_classes:
             raise HarnessError(f"train/ and test/ under {top} must hold the same, non-empty set of class folders")
         for split, files in (("train", train), ("test", test)):   # a class without images has no accuracy
-            empty = [name for label, name in enumerate(classes) if label not in {y for _, y in files}]
+            present = {y for _, y in files}
+            empty = [name for label, name in enumerate(classes) if label not in present]
             if empty:
                 raise HarnessError(f"class folder {top / split / empty[0]} holds no image files"
                                    f"{f' (nor {len(empty) - 1} more)' if len(empty) > 1 else ''}; "
@@ -205,8 +206,9 @@ class FolderLTSpec(ListDatasetSpec):
         if generator == "natural":
             train, val = items, []
         else:
-            check_tail(int(available.min()), len(classes), rho, f"{self.name} at {tree['top']}")
-            kept = select_lt(labels, lt_counts(int(available.min()), len(classes), rho), generator)
+            n_max = int(available.min())   # the smallest class can fill every class's quota
+            check_tail(n_max, len(classes), rho, f"{self.name} at {tree['top']}")
+            kept = select_lt(labels, lt_counts(n_max, len(classes), rho), generator)
             held = holdout_val(labels, kept, val_per_class) if val_per_class > 0 else np.zeros(0, dtype=int)
             train, val = [items[i] for i in kept], [items[i] for i in held]
         counts = np.bincount([y for _, y in train], minlength=len(classes)).tolist()
@@ -233,7 +235,7 @@ class FileDataset(torch.utils.data.Dataset):
             with Image.open(self.root / path) as img:
                 rgb = img.convert("RGB")
         except (OSError, ValueError) as exc:  # PIL: not an image (UnidentifiedImageError), truncated file
-            raise UnreadableImage(f"cannot decode image {self.root / path}: {exc}; replace or remove it") from None
+            raise UnreadableImage.at(self.root / path, exc) from None
         return self.transform(rgb), label
 
 
