@@ -10,6 +10,7 @@ the store, the checkpoints and the terminal.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -26,6 +27,12 @@ def world() -> tuple[int, int]:
 
 def is_main() -> bool:
     return world()[0] == 0
+
+
+def announce(line: str) -> None:
+    """A line for the user on stderr, before any progress bar (rank 0 only)."""
+    if is_main():
+        print(line, file=sys.stderr, flush=True)
 
 
 def init_from_env(device: torch.device) -> torch.device:

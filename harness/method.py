@@ -38,6 +38,7 @@ from torch import nn
 
 from harness.augment import BatchTransform
 from harness.data import group_accuracies, per_class_accuracy
+from harness.distributed import announce
 from harness.engine import DeviceData, LossFn, TrainSpec, cross_entropy, extract_features
 
 
@@ -136,7 +137,7 @@ def posthoc_sweep(model: nn.Module, ctx: RunContext, grid: list[float], kind: st
                   logits_at: Callable[[torch.Tensor, float], torch.Tensor]) -> dict[str, dict[float, dict]]:
     """Evaluate post-hoc logits `logits_at(features, x)` at every x of `grid` on the val
     and test splits and store the whole sweep as curves of `kind`. Returns, per split,
-    x -> group accuracies. The caller chooses on val; test is recorded, never chosen on."""
+    x -> group accuracies. The caller chooses on the split `chosen_split` names."""
     data = ctx.data
     out: dict[str, dict[float, dict]] = {}
     for split in ("val", "test"):
@@ -151,6 +152,18 @@ def posthoc_sweep(model: nn.Module, ctx: RunContext, grid: list[float], kind: st
             out[split][x] = groups
             ctx.curves += [{"kind": kind, "x": x, "split": split, "group": g, "value": v} for g, v in groups.items()]
     return out
+
+
+def chosen_split(sweep: dict[str, dict], what: str) -> str:
+    """The split a post-hoc hyper-parameter is chosen on: val, or test where the run has no
+    validation split (iNaturalist 2018, whose held-out images are its test set; folder-lt at its
+    natural ratio; --val-per-class 0). That choice is an oracle: said now, and named on the board
+    through the run's record of it."""
+    if "val" in sweep:
+        return "val"
+    announce(f"no validation split: {what} is chosen on test, an oracle (the board names it); "
+             "--val-per-class N holds one out where the dataset allows")
+    return "test"
 
 
 def best_of(sweep: dict[float, dict]) -> tuple[float, float]:

@@ -52,13 +52,14 @@ def counted_runs():
     # a run from before the precision was recorded computed in its device's default
     precision = func.coalesce(Run.extra["precision"].as_string(),
                               case((Run.device.like("%cpu (%"), "fp32"), else_="bf16"))
+    tau_chosen_on = Run.extra["tau_selected_on"].as_string()   # τ-norm, post-hoc LA: val, or test without one
     newest_first = func.row_number().over(
         partition_by=[Run.dataset, Run.rho, Run.preset, Run.method, Run.backbone, Run.generator, epochs,
-                      augmentation, precision, Run.seed],
+                      augmentation, precision, tau_chosen_on, Run.seed],
         order_by=[Run.finished_at.desc(), Run.id.desc()])
     runs = select(Run.id, Run.dataset, Run.rho, Run.preset, Run.method, Run.backbone, Run.generator,
                   epochs.label("epochs"), augmentation.label("augmentation"), precision.label("precision"),
-                  newest_first.label("newest_first")).where(RANKED).subquery()
+                  tau_chosen_on.label("tau_chosen_on"), newest_first.label("newest_first")).where(RANKED).subquery()
     return select(runs).where(runs.c.newest_first == 1).subquery("counted")
 
 
@@ -69,11 +70,12 @@ def load_results(store: Store) -> pd.DataFrame:
     top1 = [func.max(case((Metric.group == g, Metric.top1))).label(f"top1_{g}") for g in GROUPS]
     query = (select(Run.id, Run.method, Run.dataset, Run.rho, Run.backbone, Run.generator, Run.seed, Run.preset,
                     Run.finished_at, Run.wall_seconds, Run.device, Run.git_commit, Run.stage1_cached,
-                    counted.c.epochs, counted.c.augmentation, counted.c.precision,
+                    counted.c.epochs, counted.c.augmentation, counted.c.precision, counted.c.tau_chosen_on,
                     Run.extra["stage1_seconds"].as_float().label("stage1_seconds"), *top1)
              .join(counted, counted.c.id == Run.id)
              .outerjoin(Metric, and_(Metric.run_id == Run.id, Metric.split == "test"))
-             .group_by(Run.id, counted.c.epochs, counted.c.augmentation, counted.c.precision))
+             .group_by(Run.id, counted.c.epochs, counted.c.augmentation, counted.c.precision,
+                       counted.c.tau_chosen_on))
     with store.engine.connect() as con:
         df = pd.read_sql(query, con)
     if df.empty:
@@ -350,10 +352,11 @@ def start_plots(store: Store, studies: dict[tuple, list[Study]], cache: PlotCach
 
 def setup_names(rows: pd.DataFrame) -> list[str]:
     """Per row of a board's plot data, its setup as the plot names it: the setup fields in which
-    the board's setups of that method differ ("" where the board has the method on one setup)."""
+    the board's setups of that method differ ("" where the board has the method on one setup),
+    and a τ chosen on test wherever it was."""
     setups = rows[["method", *SETUP]].astype(object)
-    varying = {method: [f for f in SETUP if s[f].nunique(dropna=False) > 1] for method, s in setups.groupby("method")}
-    return [", ".join(f"{f} {readable(r[f])}" for f in varying[r["method"]]) for _, r in setups.iterrows()]
+    varying = {method: varying_fields(s, SETUP) for method, s in setups.groupby("method")}
+    return [", ".join(shown_setup(r, varying[r["method"]])) for _, r in setups.iterrows()]
 
 
 def attach_plots(boards: list[Board], rendering: Rendering) -> None:
@@ -389,15 +392,33 @@ def differs_text(differs) -> str:
     return "; ".join(str(d) for d in differs)
 
 
+# setup values that change what a row's number means: named on the row even where every row has them
+ALWAYS_NAMED = {"tau_chosen_on": "test"}
+# setup fields of some methods only: None there is "not this method's", neither shown nor a difference
+SOME_METHODS = {"tau_chosen_on"}
+SETUP_LABELS = {"tau_chosen_on": "τ chosen on"}
+
+
+def varying_fields(rows: pd.DataFrame, fields) -> list[str]:
+    """The setup fields in which `rows` differ."""
+    return [f for f in fields if rows[f].nunique(dropna=f in SOME_METHODS) > 1]
+
+
+def shown_setup(row, varying: list[str]) -> list[str]:
+    """A row's setup fields as "name value": those in `varying`, then any ALWAYS_NAMED value it has."""
+    names = varying + [f for f, value in ALWAYS_NAMED.items() if f not in varying and row[f] == value]
+    return [f"{SETUP_LABELS.get(f, f)} {readable(row[f])}" for f in names
+            if not (f in SOME_METHODS and row[f] is None)]
+
+
 def setup_cells(board: Board) -> list[str]:
-    """Each row's backbone, plus the setup fields (generator, epochs, augmentation, precision)
-    in which this board's rows differ from each other."""
-    varying = [name for name in SETUP[1:] if board.rows[name].nunique(dropna=False) > 1]
-    return [" · ".join([r["backbone"], *(f"{name} {readable(r[name])}" for name in varying)])
-            for _, r in board.rows.iterrows()]
+    """Each row's backbone, plus the setup fields (generator, epochs, augmentation, precision,
+    τ's split) in which this board's rows differ from each other, and a τ chosen on test."""
+    varying = varying_fields(board.rows, SETUP[1:])
+    return [" · ".join([r["backbone"], *shown_setup(r, varying)]) for _, r in board.rows.iterrows()]
 
 
-BOARD_HEADERS = ["Rank", "Method", "Backbone", "Lead", "Other", "n", "Many", "Medium", "Few", "Paper top-1", "Δ",
+BOARD_HEADERS = ["Rank", "Method", "Setup", "Lead", "Other", "n", "Many", "Medium", "Few", "Paper top-1", "Δ",
                  "Paper differs", "Compute (min)", "Date", "Commit"]
 NUMERIC = {"Rank", "Top-1", "Error", "n", "Many", "Medium", "Few", "Paper top-1", "Δ", "Compute (min)"}
 
@@ -451,8 +472,8 @@ def method_results(boards: list[Board]) -> dict[str, list[dict]]:
     """Per method, the Papers-with-Code results table: Task | Dataset | Metric | Value | Model."""
     out: dict[str, list[dict]] = {}
     for b in boards:
-        for _, r in b.rows.iterrows():
-            model = f"{r['method']} ({r['backbone']}, preset {b.preset}, n={r['n']})"
+        for (_, r), setup in zip(b.rows.iterrows(), setup_cells(b)):
+            model = f"{r['method']} ({setup}, preset {b.preset}, n={r['n']})"
             for metric, value in (("error", error_of(r["all_mean"])), ("top1", r["all_mean"])):
                 out.setdefault(r["method"], []).append({
                     "task": TASK, "dataset": b.name, "metric": METRIC_NAMES[metric], "value": value,
@@ -593,7 +614,7 @@ def latex_board(b: Board) -> str:
     """One table; a paper number whose protocol differs from ours carries a note mark (a, b, ...)
     and the notes under the table say how."""
     body, notes = [], []
-    for _, r in b.rows.iterrows():
+    for (_, r), setup in zip(b.rows.iterrows(), setup_cells(b)):
         pm = "" if r["all_std"] is None or pd.isna(r["all_std"]) else f" $\\pm$ {r['all_std']:.2f}"
         paper = fmt(r["paper"])
         if r["paper_differs"]:
@@ -601,7 +622,7 @@ def latex_board(b: Board) -> str:
             paper += f"\\textsuperscript{{{mark}}}"
             notes.append(f"\\textsuperscript{{{mark}}}{latex_escape(r['method'])}: "
                          f"{latex_escape(differs_text(r['paper_differs']))}.")
-        body.append(" & ".join([latex_escape(r["method"]), latex_escape(r["backbone"]),
+        body.append(" & ".join([latex_escape(r["method"]), latex_escape(setup),
                                 f"{fmt(r['all_mean'])}{pm}", fmt(error_of(r["all_mean"])),
                                 fmt(r["many_mean"]), fmt(r["medium_mean"]), fmt(r["few_mean"]),
                                 str(r["n"]), paper, fmt_delta(r["delta"])]).replace("—", "--") + r" \\")
@@ -609,7 +630,7 @@ def latex_board(b: Board) -> str:
         "\\begin{table}[t]", "\\centering",
         f"\\caption{{{latex_escape(TASK)} on {latex_escape(b.title)} ($\\rho={b.rho:g}$), preset {latex_escape(b.preset)}.}}",
         "\\begin{tabular}{llrrrrrrrr}", "\\toprule",
-        "Method & Backbone & Top-1 & Error & Many & Medium & Few & $n$ & Paper & $\\Delta$ \\\\", "\\midrule",
+        "Method & Setup & Top-1 & Error & Many & Medium & Few & $n$ & Paper & $\\Delta$ \\\\", "\\midrule",
         *body, "\\bottomrule", "\\end{tabular}",
         *(["\\par\\smallskip\\footnotesize " + " \\\\\n".join(notes)] if notes else []),
         "\\end{table}"])

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 
 MATCHED = ("backbone", "generator", "epochs", "augmentation")   # all equal to ours, or no Δ
 NOTED = ("framework", "selection", "runs", "tta", "precision")   # named beside Δ when they differ
-SETUP = (*MATCHED, "precision")   # what makes a board row's setup: the matched fields and the arithmetic
+# what makes a board row's setup: the matched fields, the arithmetic, and the split a post-hoc τ
+# was chosen on (test where the run had no validation split: an oracle, never ranked as val's)
+SETUP = (*MATCHED, "precision", "tau_chosen_on")
 # what a reference that leaves a noted field out used: no test-time augmentation, and fp32, in
 # which every official code of benchmarks.yaml's methods trains and evaluates
 UNSTATED = {"tta": "none", "precision": "fp32"}

@@ -22,7 +22,7 @@ from harness.checkpoints import (cache_root, check_cache_root, drop_epoch_checkp
                                  load_checkpoint, save_atomic, stage1_key, stage1_path)
 from harness.config import RunConfig, has_key, load_benchmarks, resolve, with_overrides
 from harness.data import LTData, group_accuracies, per_class_accuracy, shot_group
-from harness.distributed import init_from_env, is_main, world
+from harness.distributed import announce, init_from_env, is_main, world
 from harness.engine import (DeviceData, Trainer, TrainSpec, device_name, fit_many, precision_on, predict,
                             resolve_device, train)
 from harness.method import Method, RunContext
@@ -307,12 +307,6 @@ def epoch_watch(req: RunRequest, jobs: list["Job"], ddata: DeviceData, offset: i
         if top1 is not None:
             req.on_epoch(job.run_id, offset + epoch, top1)
     return epoch_end
-
-
-def announce(line: str) -> None:
-    """A line for the user on stderr, before any progress bar (rank 0 only)."""
-    if is_main():
-        print(line, file=sys.stderr, flush=True)
 
 
 def record_stage1(job: Job, epoch_loss: list[float], seconds: float, engine: str) -> None:

@@ -4,7 +4,7 @@ and the τ a test-set pick would give (an oracle, labelled so) are recorded besi
 import torch
 from torch import nn
 
-from harness.method import Method, RunContext, best_of, grid_of, log_priors, posthoc_sweep
+from harness.method import Method, RunContext, best_of, chosen_split, grid_of, log_priors, posthoc_sweep
 
 
 class AdjustedLinear(nn.Module):
@@ -34,7 +34,7 @@ class PostHocLogitAdjustment(Method):
         with torch.no_grad():
             sweep = posthoc_sweep(model, ctx, sorted(set(grid) | {1.0}), "la_tau_sweep",
                                   lambda feats, tau: fc(feats) - tau * log_pi)
-        chosen_on = "val" if "val" in sweep else "test"
+        chosen_on = chosen_split(sweep, "τ")
         tau, _ = best_of(sweep[chosen_on])
         oracle_tau, oracle_top1 = best_of(sweep["test"])
         ctx.extra.update({"tau": tau, "tau_selected_on": chosen_on, "tau1_test_top1": sweep["test"][1.0]["all"],

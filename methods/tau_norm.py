@@ -1,9 +1,10 @@
 """τ-normalisation, Kang et al., ICLR 2020: w_c <- w_c / ||w_c||^τ with the bias dropped,
-τ chosen on the held-out validation split from a sweep that is stored whole."""
+τ chosen on the held-out validation split (on test where a run has none: recorded and named as
+such) from a sweep that is stored whole."""
 import torch
 from torch import nn
 
-from harness.method import Method, RunContext, best_of, grid_of, posthoc_sweep
+from harness.method import Method, RunContext, best_of, chosen_split, grid_of, posthoc_sweep
 
 
 class TauNormLinear(nn.Module):
@@ -29,7 +30,7 @@ class TauNorm(Method):
         weight = model.fc.weight.detach()
         sweep = posthoc_sweep(model, ctx, grid_of(ctx.recipe, "tau", 0.0, 2.0, 0.1), "tau_sweep",
                               lambda feats, tau: feats @ tau_normalise(weight, tau).t())
-        chosen_on = "val" if "val" in sweep else "test"
+        chosen_on = chosen_split(sweep, "τ")
         tau, _ = best_of(sweep[chosen_on])
         oracle_tau, oracle_top1 = best_of(sweep["test"])
         ctx.extra.update({"tau": tau, "tau_selected_on": chosen_on, "tau_test_selected": oracle_tau,

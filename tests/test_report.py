@@ -183,7 +183,7 @@ def test_rows_split_by_setup_and_each_meets_the_references_of_its_own(tmp_path, 
     add_run(store, "unrecorded", "ce", 1, 87.0, config={"recipe": {}})
     [board] = rep.build_boards(store, bench, plots=False)
     headers, rows = rep.board_table(board)
-    table = {r[headers.index("Backbone")]: dict(zip(headers, r)) for r in rows}
+    table = {r[headers.index("Setup")]: dict(zip(headers, r)) for r in rows}
     assert set(table) == {"resnet32 · epochs 200 · augmentation crop+flip+autoaugment",
                           "resnet32 · epochs 200 · augmentation crop+flip", "resnet32 · epochs — · augmentation crop+flip"}
     assert table["resnet32 · epochs 200 · augmentation crop+flip"]["Δ"] == "+2.00"
@@ -482,6 +482,31 @@ def test_precision_is_part_of_a_setup_and_named_against_the_papers_fp32_on_every
     assert sorted(rep.setup_cells(board)) == ["resnet32 · precision bf16", "resnet32 · precision fp32"]
     pwc = json.loads(rep.render_pwc_json([board]))[0]["datasets"][0]["sota"]["rows"]   # one name per row
     assert sorted(r["model_name"] for r in pwc) == ["ce (resnet32 · precision bf16)", "ce (resnet32 · precision fp32)"]
+
+
+def test_a_tau_chosen_on_test_is_its_own_row_and_named_on_every_output(store_url, bench):
+    """A τ-norm run without a validation split chose τ on test (an oracle): it neither replaces
+    the seed's val-chosen run nor hides in its mean, and every output names it, also on a
+    board where no run had a validation split."""
+    store = Store(store_url)
+    add_run(store, "val", "tau_norm", 0, 84.0, extra={"tau_selected_on": "val"})
+    add_run(store, "oracle", "tau_norm", 0, 86.0, extra={"tau_selected_on": "test"})   # newer, same seed
+    add_run(store, "ce", "ce", 0, 80.0)
+    [board] = rep.build_boards(store, bench, plots=False)
+    rows = board.rows.set_index("method")
+    assert sorted(zip(rows["all_mean"], rows["tau_chosen_on"].fillna("—"))) == [
+        (80.0, "—"), (84.0, "val"), (86.0, "test")]
+    cells = dict(zip(board.rows["all_mean"], rep.setup_cells(board)))
+    assert cells == {86.0: "resnet32 · τ chosen on test", 84.0: "resnet32 · τ chosen on val", 80.0: "resnet32"}
+    store.delete_runs(["val", "ce"])
+    [board] = rep.build_boards(store, bench, plots=False)   # every row's τ on test: still named
+    assert rep.setup_cells(board) == ["resnet32 · τ chosen on test"]
+    assert "resnet32 · τ chosen on test" in rep.render_latex([board])
+    assert rep.method_results([board])["tau_norm"][0]["model"] == "tau_norm (resnet32 · τ chosen on test, preset paper, n=1)"
+    [pwc] = json.loads(rep.render_pwc_json([board]))[0]["datasets"][0]["sota"]["rows"]
+    assert pwc["model_name"] == "tau_norm"   # one setup of the method: named by the board's row
+    classes = rep.load_class_means(store)
+    assert rep.setup_names(classes) == ["τ chosen on test"] * 10
 
 
 def test_a_legend_of_long_entries_gets_the_columns_that_fit_across_the_plot():

@@ -72,6 +72,15 @@ def test_tau_norm_stores_the_whole_sweep_and_both_selections(synth):
     assert "tau_test_selected" in res.extra
 
 
+@pytest.mark.parametrize("method", ["tau_norm", "la_posthoc"])
+def test_without_a_validation_split_tau_is_chosen_on_test_recorded_and_said(synth, method, capsys):
+    [res] = run(method, synth, val_per_class=0)
+    assert res.extra["tau_selected_on"] == "test"
+    oracle = res.extra.get("tau_test_selected", res.extra.get("tau_oracle"))
+    assert res.extra["tau"] == oracle   # the test pick is the oracle's
+    assert "no validation split: τ is chosen on test, an oracle" in capsys.readouterr().err
+
+
 def test_wb_records_the_cap(synth):
     [res] = run("wb", synth)
     assert res.extra["maxnorm_steps"] > 0
