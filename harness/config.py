@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 import math
@@ -116,6 +117,11 @@ STAGE_REQUIRED = {"epochs": int, "batch_size": int, "lr": Real, "momentum": Real
                   "schedule": dict}
 KIND_NAMES = {int: "an integer", Real: "a number", dict: "a mapping"}
 PREFIX_KEYS = ("train_only", "fresh", "train_mode_only")   # dotted-name prefixes (harness.models.under)
+# what reads a stage: engine.TrainSpec.RECIPE_KEYS, the runner (bn_mode, the prefixes) and a preset's
+# record of the paper's epochs; a method's own stage keys end in _epoch (DRW's drw_epoch), which
+# presets scale. Any other key is a typo the run would silently train without.
+STAGE_KEYS = {*STAGE_REQUIRED, "nesterov", "per_class", "shuffle_batch", "epoch_steps", "bn_mode", "paper_epochs",
+              *PREFIX_KEYS}
 
 
 UNDOABLE = {"backbone", "generator"}   # the run choices a deviation's `unless` may name
@@ -129,6 +135,12 @@ def check_recipe(recipe, where: str) -> None:
         if stage not in recipe:
             continue
         values = recipe[stage]
+        for key in values if isinstance(values, dict) else []:
+            if key not in STAGE_KEYS and not str(key).endswith("_epoch"):
+                near = difflib.get_close_matches(str(key), sorted(STAGE_KEYS), n=1)
+                raise HarnessError(f"{where}: unknown key {stage}.{key}" + (f" (did you mean {near[0]}?)" if near else "")
+                                   + f"; a stage reads {', '.join(sorted(STAGE_KEYS))} and a method's *_epoch keys "
+                                   "(its other keys go beside stage1)")
         for key, kind in STAGE_REQUIRED.items():
             value = values.get(key) if isinstance(values, dict) else None
             if not isinstance(value, kind) or isinstance(value, bool):

@@ -76,6 +76,8 @@ CASES = {
                                        "stage1.lr must be a number, got None"),
     "train_only given as one string": (lambda t: ["--benchmarks", write(t / "b.yaml", recipe_yaml("train_only: fc."))],
                                        "stage1.train_only must be a list of module-name prefixes"),
+    "stage key misspelt": (lambda t: ["--benchmarks", write(t / "b.yaml", recipe_yaml("nestrov: true"))],
+                           "unknown key stage1.nestrov (did you mean nesterov?)"),
     "bn_mode misspelt": (lambda t: ["--benchmarks", write(t / "b.yaml", recipe_yaml("bn_mode: evaluate"))],
                          "stage1.bn_mode must be train or eval, got 'evaluate'"),
     "data root that is a file": (lambda t: ["--data-root", write(t / "data.txt", "not a folder")],

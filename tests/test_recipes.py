@@ -156,3 +156,12 @@ def test_class_balanced_loss_on_inaturalist_is_cuis_tpu_recipe():
                              "steps": [[30, 0.1], [60, 0.01], [80, 0.001]]}
     assert (r["variant"], r["beta"], r["gamma"], r["decay_batchnorm"]) == ("focal", 0.999, 0.5, False)
     assert r["augmentation"] == "rrc+flip"   # the TPU code's Inception crop and flip, no colour jitter
+
+
+def test_every_key_the_engine_reads_from_a_stage_is_one_a_recipe_may_hold():
+    """check_recipe refuses a stage key nothing reads (a typo); a key the engine learns to read
+    must be added there too, or every recipe that sets it is refused."""
+    from harness.config import STAGE_KEYS
+    from harness.engine import TrainSpec
+
+    assert set(TrainSpec.RECIPE_KEYS) <= STAGE_KEYS
