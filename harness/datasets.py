@@ -54,6 +54,10 @@ class DatasetSpec:
         """Refuse a profile that would leave a class without a training image."""
         check_tail(self.n_max, self.num_classes, rho, self.name)
 
+    def holds_validation(self, generator: str, val_per_class: int) -> bool:
+        """Whether a run has a validation split: one is held out of the images the profile left."""
+        return val_per_class > 0
+
     def device_data(self, data: LTData, device, recipe: dict | None = None):
         """The data on the device, with the recipe's augmentation (crop, flip) and normalisation."""
         from harness.engine import DeviceData

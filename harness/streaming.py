@@ -99,6 +99,11 @@ class ListDatasetSpec:
         split lists are its only long tail."""
         raise HarnessError(f"{self.title} has a fixed long tail (its split lists); pass --rho natural")
 
+    def holds_validation(self, generator: str, val_per_class: int) -> bool:
+        """Whether a run has a validation split: the release's val list at its natural ratio (iNat
+        has none: its val images are its test set), else one held out of the images left over."""
+        return "val" in self.lists if generator == "natural" else val_per_class > 0
+
     def natural_rho(self, data_root: Path | None) -> float:
         """n_max / n_min of the release's training list (the only ratio it has)."""
         path = self._list(self._root(data_root), "train")

@@ -115,10 +115,12 @@ def search_space(req: TuneRequest) -> list[Dimension]:
     if not space:
         raise HarnessError(f"{req.run.method} declares no search space; pass --param KEY=SPACE "
                            "(e.g. stage1.weight_decay=loguniform(1e-4,5e-2))")
-    _, _, cfg = prepare(req.run, req.run.seeds[0])
-    if cfg.val_per_class == 0 and cfg.generator != "natural":   # refused before a trial trains for nothing
-        raise HarnessError("tuning scores trials on the validation split, and --val-per-class 0 leaves none; "
-                           "pass --val-per-class N (N >= 1)")
+    _, spec, cfg = prepare(req.run, req.run.seeds[0])
+    if not spec.holds_validation(cfg.generator, cfg.val_per_class):   # refused before a trial trains for nothing
+        raise HarnessError("tuning scores trials on the validation split, and "
+                           + (f"{spec.title} at --rho natural has none"
+                              if cfg.generator == "natural" else
+                              "--val-per-class 0 leaves none; pass --val-per-class N (N >= 1)"))
     known = recipe_keys(cfg.recipe)
     unknown = [key for key in space if key not in known]
     if unknown:

@@ -248,3 +248,26 @@ def test_pretrained_weights_are_never_downloaded(tmp_path, monkeypatch):
     loaded = build_model("timm:resnet10t+pretrained", 3, 3).body
     key = next(k for k, v in body.state_dict().items() if v.is_floating_point())
     assert torch.equal(loaded.state_dict()[key], body.state_dict()[key] + 1)
+
+
+def test_which_runs_have_a_validation_split():
+    """The release's val list at the natural ratio (iNat has none: its val images are its test
+    set), else the images held out per class of those a profile left."""
+    from harness.datasets import CIFAR10_LT
+    from harness.streaming import IMAGENET_LT, INAT2018
+
+    assert IMAGENET_LT.holds_validation("natural", 0) and not INAT2018.holds_validation("natural", 20)
+    assert not FOLDER_LT.holds_validation("natural", 20) and FOLDER_LT.holds_validation("ldam", 2)
+    assert CIFAR10_LT.holds_validation("ldam", 20) and not CIFAR10_LT.holds_validation("ldam", 0)
+
+
+def test_tuning_without_a_validation_split_at_the_natural_ratio_is_refused_before_a_trial(large, tmp_path):
+    """It trained a whole trial (hours at iNat's size) before failing on the missing val top-1."""
+    from harness.tune import TuneRequest, tune
+
+    root = folder_tree(tmp_path / "folder", [6, 3, 4])
+    req = TuneRequest(run=RunRequest(method="wb", dataset="folder-lt", rho="natural", data_root=str(root),
+                                     device="cpu", progress=False), trials=1)
+    with pytest.raises(HarnessError, match=r"validation split, and Image folder \(LT\) at --rho natural has none"):
+        tune(req, report=lambda line: None)
+    assert not (tmp_path / "results.db").exists()
