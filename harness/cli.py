@@ -24,6 +24,11 @@ def parse_rho(text) -> float | str:
     return rho
 
 
+def listed(values) -> list[str]:
+    """An option's values, each of which may be a comma-separated list (--methods ce,crt), once each."""
+    return list(dict.fromkeys(v for value in values for v in value.split(",") if v))
+
+
 class GreedyCommand(click.Command):
     """A command whose `multiple=True` options take every value that follows them, up to the
     next option: `--seeds 0 1 2` is `--seeds 0 --seeds 1 --seeds 2`. (click alone would take
@@ -116,7 +121,7 @@ def run(method, dataset, rho, seeds, preset, epochs, device, data_root, download
 @cli.command(cls=GreedyCommand)
 @click.option("--benchmarks", envvar="HARNESS_BENCHMARKS", help="benchmarks.yaml whose grid to run [the installed one].")
 @click.option("--methods", "--method", "methods", multiple=True,
-              help="Methods [every method of each benchmark]: --methods ce crt.")
+              help="Methods [every method of each benchmark]: --methods ce crt (or ce,crt).")
 @click.option("--datasets", "--dataset", "datasets", multiple=True, help="Datasets [every benchmark]: --datasets cifar10-lt.")
 @click.option("--rho", "rhos", multiple=True, help="Ratios or 'natural' [each benchmark's]: --rho 100 10.")
 @click.option("--seeds", "--seed", "seeds", type=int, multiple=True, help="Seeds [0]: --seeds 0 1 2.")
@@ -142,8 +147,8 @@ def sweep(benchmarks, methods, datasets, rhos, seeds, preset, epochs, jobs, exec
                       data_root=data_root, download=download, db=db, cache_dir=cache_dir, benchmarks=benchmarks,
                       generator=generator, backbone=backbone, val_per_class=val_per_class, precision=precision,
                       progress=not no_progress and jobs == 1 and executor == "local")
-    planned = plan(base, list(dict.fromkeys(methods)), list(dict.fromkeys(datasets)),
-                   list(dict.fromkeys(parse_rho(r) for r in rhos)), seed_list)
+    planned = plan(base, listed(methods), listed(datasets), list(dict.fromkeys(map(parse_rho, listed(rhos)))),
+                   seed_list)
     rows = [[p.request.method, p.request.dataset, str(p.request.rho).removesuffix(".0"), " ".join(map(str, p.request.seeds)) or "—",
              " ".join(map(str, p.skipped_seeds)) or "—"] for p in planned]
     click.echo(tabulate(rows, headers=["method", "dataset", "rho", "to run", "done already"], tablefmt="github",

@@ -98,6 +98,9 @@ def test_every_seed_and_ratio_given_is_planned(synth):
     assert "12 runs to do" in out.output
     rows = [line for line in out.output.splitlines() if line.startswith("| ce") or line.startswith("| crt")]
     assert len(rows) == 4 and all("| 0 1 2 " in row for row in rows)
+    commas = CliRunner().invoke(cli, ["sweep", "--datasets", "synth-lt", "--methods", "ce,crt", "crt",
+                                      "--seeds", "0", "1", "2", "--rho", "100,10", "--preset", "quick", "--dry-run"])
+    assert commas.exit_code == 0 and commas.output == out.output   # the same plan, crt once
 
 
 def test_sweep_takes_run_s_overrides_and_skips_only_runs_made_with_them(synth):
