@@ -505,7 +505,7 @@ def render_html(boards: list[Board], out: Path) -> list[Path]:
         html = env.get_template("board.html").render(
             board=b, headers=headers, rows=rows, numeric=NUMERIC,
             differs=[differs_text(d) for d in b.rows["paper_differs"]], references=reference_table(b),
-            tuning=tuning_table(b), methods=sorted(methods))
+            tuning=tuning_table(b), methods=sorted(methods), columns_note=COLUMNS_NOTE)
         written.append(write(out / f"{b.slug}.html", html))
     for method, results in methods.items():
         html = env.get_template("method.html").render(method=method, about=about[method], results=results,
@@ -545,13 +545,16 @@ def render_markdown(boards: list[Board], out: Path) -> list[Path]:
 COMPARISON_NOTE = ("Δ = ours − a paper's top-1 for the same method trained on our backbone, generator, epochs and "
                    "augmentation (paper preset only); \"Paper differs\" names the rest of its protocol that is not "
                    "ours, or, without Δ, why it is not comparable. The reference table says how.")
+COLUMNS_NOTE = ("Setup: the backbone, then what differs between rows; \"τ chosen on test\" (a run without a "
+                "validation split) is an oracle. Compute: minutes per seed (its share where seeds "
+                "trained together), a reused stage 1's included.")
 
 
 def markdown_board(b: Board) -> str:
     headers, rows = board_table(b)
     text = [f"## {TASK} on {b.name} — preset `{b.preset}`", "",
             f"Ranked by top-1 (leading metric: {METRIC_NAMES[b.metric]}). \"(tie)\": mean ± std overlaps the row above. "
-            + COMPARISON_NOTE, "", tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)]
+            + COMPARISON_NOTE + " " + COLUMNS_NOTE, "", tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)]
     if b.references:
         rh, rr = reference_table(b)
         text += ["", "Paper-reported (reference, not measured here):", "",
