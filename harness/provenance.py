@@ -27,14 +27,31 @@ def git_commit() -> str:
         return "unknown"
 
 
-def package_versions() -> dict[str, str]:
+def package_versions(device=None) -> dict[str, str]:
+    """Python's and the packages' versions; on a CUDA `device` also the CUDA and cuDNN that torch
+    was built with, which pick the GPU's kernels."""
     out = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
             out[name] = version(name)
         except PackageNotFoundError:
             out[name] = "not installed"
+    if device is not None and device.type == "cuda":
+        import torch
+
+        out.update(cuda=str(torch.version.cuda), cudnn=str(torch.backends.cudnn.version()))
     return out
+
+
+def cpu_model() -> str:
+    """The processor's model name (Linux's /proc/cpuinfo), else what the platform says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return " ".join(line.split(":", 1)[1].split())[:60]
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def boot_id() -> str | None:

@@ -84,7 +84,7 @@ def load_results(store: Store) -> pd.DataFrame:
     # compute spent on this result: its own wall time plus a reused stage 1's
     reused = df["stage1_seconds"].fillna(0.0).where(df["stage1_cached"] == 1, 0.0)
     df["minutes"] = (df["wall_seconds"].fillna(0) + reused) / 60.0
-    df["gpu"] = df["device"].str.contains("cuda|nvidia|NVIDIA|H100|A100", regex=True)
+    df["gpu"] = ~df["device"].str.contains(r"\bcpu\b", regex=True)   # any other device is an accelerator
     df["finished_at"] = pd.to_datetime(df["finished_at"], utc=True)
     return df.sort_values("finished_at", kind="stable").reset_index(drop=True)
 

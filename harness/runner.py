@@ -149,7 +149,7 @@ def execute(req: RunRequest) -> list[RunResult]:
             id=job.run_id, method=job.cfg.method, dataset=job.cfg.dataset, rho=job.cfg.rho,
             backbone=job.cfg.backbone, seed=job.cfg.seed, generator=job.cfg.generator, preset=job.cfg.preset,
             config=job.cfg.to_dict(), config_hash=job.cfg.config_hash(), status="running", started_at=now(),
-            device=where, git_commit=git_commit(), versions=package_versions(),
+            device=where, git_commit=git_commit(), versions=package_versions(device),
             data_checksum=checksum, extra=dict(job.ctx.extra), study=req.study))
     results, start = [], time.perf_counter()
     try:

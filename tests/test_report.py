@@ -484,6 +484,19 @@ def test_precision_is_part_of_a_setup_and_named_against_the_papers_fp32_on_every
     assert sorted(r["model_name"] for r in pwc) == ["ce (resnet32 · precision bf16)", "ce (resnet32 · precision fp32)"]
 
 
+def test_compute_is_labelled_gpu_for_every_device_but_the_cpu(store_url):
+    """The CPU as device_name stores it (alone, or under torchrun) is CPU; any accelerator, an AMD
+    one too, is GPU (a list of NVIDIA names called an MI300X's minutes CPU)."""
+    store = Store(store_url)
+    add_run(store, "cpu", "ce", 0, 80.0, device="cpu (AMD EPYC, 2 threads, AVX2)")
+    add_run(store, "ddp", "crt", 0, 80.0, device="2 x cpu (Intel Xeon, 8 threads, AVX512) (torchrun)")
+    add_run(store, "old", "lws", 0, 80.0, device="cpu (2 threads)")
+    add_run(store, "amd", "wb", 0, 80.0, device="AMD Instinct MI300X")
+    add_run(store, "nv", "fbl", 0, 80.0, device="NVIDIA H200")
+    assert rep.load_results(store).set_index("id")["gpu"].to_dict() == {
+        "cpu": False, "ddp": False, "old": False, "amd": True, "nv": True}
+
+
 def test_a_tau_chosen_on_test_is_its_own_row_and_named_on_every_output(store_url, bench):
     """A τ-norm run without a validation split chose τ on test (an oracle): it neither replaces
     the seed's val-chosen run nor hides in its mean, and every output names it, also on a

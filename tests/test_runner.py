@@ -5,6 +5,7 @@ from sqlalchemy import func, select
 
 import harness.runner as runner_mod
 from harness import HarnessError
+from harness.provenance import cpu_model, package_versions
 from harness.runner import RunRequest, execute
 from harness.store import ClassMetric, CurvePoint, Metric, Store
 from tests.synthetic import SYNTH_COUNTS
@@ -28,6 +29,15 @@ def test_ce_run_is_stored_with_groups_and_per_class_rows(synth):
     assert {m.split for m in run_row.metrics} == {"test", "val"}
     assert len(run_row.data_checksum) == 64 and run_row.versions["torch"]
     assert run_row.wall_seconds > 0 and run_row.git_commit
+    # the kernels' instruction set decides a CPU run's rounding: named with the processor
+    assert run_row.device == f"cpu ({cpu_model()}, {torch.get_num_threads()} threads, " \
+                             f"{torch.backends.cpu.get_cpu_capability()})"
+    assert "cuda" not in run_row.versions   # the CUDA build's versions only where a run used it
+
+
+def test_a_cuda_run_records_the_cuda_and_cudnn_torch_was_built_with():
+    versions = package_versions(torch.device("cuda"))
+    assert versions["cuda"] == str(torch.version.cuda) and versions["cudnn"] == str(torch.backends.cudnn.version())
 
 
 def test_stage2_methods_reuse_the_ce_stage1_checkpoint(synth, monkeypatch):
