@@ -29,16 +29,18 @@ def check_cache_root(root: Path) -> Path:
     return root
 
 
-def stage1_key(config: dict, method_identity: dict, data_checksum: str) -> str:
-    """Stage 1's identity: the data, backbone, seed, precision, stage-1 recipe, the input pipeline
-    (augmentation, normalisation) and what the method adds (loss, head, optimiser
-    groups, batch transforms). Methods that agree on all of it share a checkpoint."""
+def stage1_key(config: dict, method_identity: dict, training_checksum: str) -> str:
+    """Stage 1's identity: the training data, backbone, seed, precision, stage-1 recipe, the input
+    pipeline (augmentation, normalisation) and what the method adds (loss, head, optimiser
+    groups, batch transforms). Methods that agree on all of it share a checkpoint. The
+    validation split is no part of it: stage 1 never learns from it, so a run that holds out
+    another (--val-per-class 0 for an oracle τ) reuses the same training."""
     stage1 = {k: v for k, v in config["recipe"]["stage1"].items() if k != "paper_epochs"}
     # a precision asked for is in the stored config only then (RunConfig.to_dict): a run at its
     # device's default keeps the key it had
-    identity = {k: config[k] for k in ("dataset", "rho", "generator", "backbone", "seed", "val_per_class", "precision")
+    identity = {k: config[k] for k in ("dataset", "rho", "generator", "backbone", "seed", "precision")
                 if k in config}
-    identity.update(stage1=stage1, method=method_identity, data=data_checksum,
+    identity.update(stage1=stage1, method=method_identity, data=training_checksum,
                     inputs={k: config["recipe"].get(k) for k in ("augmentation", "normalisation")})
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 

@@ -132,7 +132,16 @@ class LTData:
 
     def checksum(self) -> str:
         """sha256 over the exact tensors a run sees (provenance)."""
-        h = hashlib.sha256()
-        for t in (self.train_x, self.train_y, self.val_x, self.val_y, self.test_x, self.test_y):
-            h.update(t.contiguous().numpy().tobytes())
-        return h.hexdigest()
+        return tensors_digest(self.train_x, self.train_y, self.val_x, self.val_y, self.test_x, self.test_y)
+
+    def training_checksum(self) -> str:
+        """sha256 over the training tensors alone: what stage 1 learns from (its cache key), the
+        same whichever validation split was held out beside them."""
+        return tensors_digest(self.train_x, self.train_y)
+
+
+def tensors_digest(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -134,7 +134,9 @@ def execute(req: RunRequest) -> list[RunResult]:
     checksum = data.checksum()
     ddata = spec.device_data(data, device, cfg0.recipe)
     ddata.precision = cfg0.precision
-    jobs = [plan_job(method, cfg, spec, data, ddata, checksum, cache, req.extra) for method, _, cfg in prepared]
+    training_checksum = data.training_checksum()
+    jobs = [plan_job(method, cfg, spec, data, ddata, training_checksum, cache, req.extra)
+            for method, _, cfg in prepared]
     # opened only once the request is known to be good: bad input creates nothing; under
     # torchrun only rank 0 writes (the others train their shards and evaluate alike)
     store = Store(req.db) if rank == 0 else None
@@ -223,7 +225,7 @@ def titles(method: Method, spec) -> dict:
             "dataset_title": spec.title}
 
 
-def plan_job(method: Method, cfg: RunConfig, spec, data: LTData, ddata: DeviceData, checksum: str,
+def plan_job(method: Method, cfg: RunConfig, spec, data: LTData, ddata: DeviceData, training_checksum: str,
              cache: Path, extra: dict) -> Job:
     """Build the model and the method's stage-1 setup, and load stage 1 from the cache or
     prepare its trainer; nothing here writes."""
@@ -242,7 +244,7 @@ def plan_job(method: Method, cfg: RunConfig, spec, data: LTData, ddata: DeviceDa
     transforms = augmentation_transforms(cfg.recipe["augmentation"]) + method.stage1_transforms(ctx)
     identity = {"loss": loss_id, "head": type(model.fc).__qualname__, "transforms": [t.name for t in transforms],
                 "groups": [{k: v for k, v in g.items() if k != "params"} for g in groups or []]}
-    key = stage1_key(cfg.to_dict(), identity, checksum)
+    key = stage1_key(cfg.to_dict(), identity, training_checksum)
     job = Job(method, cfg, uuid.uuid4().hex[:12], model, ctx, key)
     ctx.extra.update(stage1_checkpoint=stage1_path(cache, key).name, stage1_loss_id=loss_id)
     checkpoints = (stage1_path(cache, key), epoch_checkpoint_path(cache, key), epoch_checkpoint_path(cache, job.stage2_key))

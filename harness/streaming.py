@@ -55,6 +55,10 @@ class FileLTData:
         """sha256 over the split lists a run sees (the images are the user's files)."""
         return self.list_digest
 
+    def training_checksum(self) -> str:
+        """sha256 over the training list and its root: what stage 1 learns from (its cache key)."""
+        return hashlib.sha256(repr((str(self.root.resolve()), self.train)).encode()).hexdigest()
+
 
 @dataclass(frozen=True)
 class ListDatasetSpec:
@@ -214,7 +218,7 @@ class FolderLTSpec(ListDatasetSpec):
             n_max = int(available.min())   # the smallest class can fill every class's quota
             check_tail(n_max, len(classes), rho, f"{self.name} at {tree['top']}")
             kept = select_lt(labels, lt_counts(n_max, len(classes), rho), generator)
-            held = holdout_val(labels, kept, val_per_class) if val_per_class > 0 else np.zeros(0, dtype=int)
+            held = holdout_val(labels, kept, val_per_class)
             train, val = [items[i] for i in kept], [items[i] for i in held]
         counts = np.bincount([y for _, y in train], minlength=len(classes)).tolist()
         digest = hashlib.sha256(repr((str(tree["top"].resolve()), train, val, tree["test"])).encode()).hexdigest()

@@ -179,6 +179,16 @@ def test_folder_lt_natural_and_cut_to_a_ratio(large, tmp_path):
     assert FOLDER_LT.workers >= 1  # this spec decodes in DataLoader worker processes
 
 
+def test_folder_lt_stage1_learns_from_the_training_list_whichever_validation_split(tmp_path):
+    """The stage-1 cache key reads the training list: the same for any --val-per-class, another
+    for other training images."""
+    root = folder_tree(tmp_path / "folder", [30, 20, 30])
+    held, none = (FOLDER_LT.build(4.0, "ldam", per_class, root) for per_class in (2, 0))
+    assert held.val and not none.val and held.checksum() != none.checksum()
+    assert held.training_checksum() == none.training_checksum()
+    assert FOLDER_LT.build(4.0, "first", 2, root).training_checksum() != held.training_checksum()
+
+
 def test_folder_lt_refuses_a_class_without_images_before_training(large, tmp_path):
     """An empty class folder, or a ratio whose tail keeps int(n_max / rho) = 0 images, made
     a class with no accuracy (and a traceback from the counting): both are named up front."""

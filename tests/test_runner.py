@@ -67,6 +67,19 @@ def test_stage2_methods_reuse_the_ce_stage1_checkpoint(synth, monkeypatch):
     assert not wb.stage1_cached and wb.extra["stage1_checkpoint"] != ce.extra["stage1_checkpoint"]
 
 
+def test_a_run_without_a_validation_split_reuses_the_stage1_of_one_with_it(synth):
+    """Stage 1 never learns from the validation split: a τ-norm holding none out (τ chosen on test)
+    trains on the same images as CE with one, and reuses its stage 1 rather than training it again."""
+    [ce] = run("ce", synth)
+    [tau] = run("tau_norm", synth, val_per_class=0)
+    assert tau.stage1_cached and tau.extra["stage1_checkpoint"] == ce.extra["stage1_checkpoint"]
+    store = Store(synth)
+    assert store.get_run(ce.run_id).data_checksum != store.get_run(tau.run_id).data_checksum   # not the same data
+    assert tau.extra["tau_selected_on"] == "test"
+    [first] = run("ce", synth, generator="first")   # other training images: a stage 1 of their own
+    assert not first.stage1_cached
+
+
 def test_tau_norm_stores_the_whole_sweep_and_both_selections(synth):
     [res] = run("tau_norm", synth)
     with Store(synth).session() as s:
