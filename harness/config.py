@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -48,7 +49,7 @@ def load_benchmarks(explicit: str | os.PathLike | None = None) -> dict:
     except OSError as exc:
         raise HarnessError(f"cannot read {path}: {exc.strerror}") from None
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))   # libyaml's: 5x faster
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -187,11 +188,15 @@ class RunConfig:
     # the arithmetic of forward passes, fp32 or bf16 (autocast); None: the device's default
     # (harness.engine.precision_on: bf16 on CUDA, fp32 on the CPU)
     precision: str | None = None
+    # what the benchmarks file's recipe changes of the shipped one's (shipped_changes): recorded
+    # with the run and named on its board row, no part of the config or its hash
+    recipe_changes: str | None = None
 
     def to_dict(self) -> dict:
         """The stored config, which the hash covers. A run at its device's default precision
         stores none, as every run did before the choice existed, and so keeps their hash."""
         out = asdict(self)
+        del out["recipe_changes"]
         if out["precision"] is None:
             del out["precision"]
         return out
@@ -200,10 +205,17 @@ class RunConfig:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def resolve(doc: dict, *, method: str, dataset: str, rho: float, seed: int, preset: str,
-            epochs: int | None = None, generator: str | None = None, backbone: str | None = None,
-            val_per_class: int | None = None, method_default_recipe: dict | None = None,
-            default_augmentation: str = "crop+flip", precision: str | None = None) -> RunConfig:
+def resolve(doc: dict, **choices) -> RunConfig:
+    """The full configuration of one run (`resolved`), with what its recipe changes of the
+    shipped benchmarks.yaml's where `doc` is another file."""
+    cfg = resolved(doc, **choices)
+    return replace(cfg, recipe_changes=shipped_changes(doc, cfg, choices))
+
+
+def resolved(doc: dict, *, method: str, dataset: str, rho: float, seed: int, preset: str,
+             epochs: int | None = None, generator: str | None = None, backbone: str | None = None,
+             val_per_class: int | None = None, method_default_recipe: dict | None = None,
+             default_augmentation: str = "crop+flip", precision: str | None = None) -> RunConfig:
     """The full configuration of one run: the benchmark's recipe for the method, its
     `by_rho` overrides for this ratio, the preset's budget, and the command line's
     choices. A method with no recipe on the benchmark takes CE's, and says so in the
@@ -258,6 +270,42 @@ def resolve(doc: dict, *, method: str, dataset: str, rho: float, seed: int, pres
         val_per_class=int(bench.get("val_per_class", 20) if val_per_class is None else val_per_class),
         recipe=recipe, precision=precision,
     )
+
+
+SHIPPED_BENCHMARKS = (Path(__file__).parent / "benchmarks.yaml").resolve()   # the repository's, in the wheel
+
+
+def shipped_changes(doc: dict, cfg: RunConfig, choices: dict) -> str | None:
+    """What `cfg`, resolved from a benchmarks file other than the shipped one (--benchmarks,
+    HARNESS_BENCHMARKS: an ablation's copy), changes of the shipped file's config for the same
+    choices, as "key value (shipped value)" in key order; None where nothing changes, or where the
+    shipped file has no recipe to hold it against (a dataset of its own). Deviations are words, not
+    training: not compared."""
+    if Path(doc["_path"]).resolve() == SHIPPED_BENCHMARKS or not SHIPPED_BENCHMARKS.is_file():
+        return None
+    try:
+        shipped = resolved(read_once(SHIPPED_BENCHMARKS, SHIPPED_BENCHMARKS.stat().st_mtime_ns), **choices)
+    except HarnessError:
+        return None
+
+    def compared(c: RunConfig) -> dict:
+        setup = {k: v for k, v in c.to_dict().items() if k not in ("seed", "recipe")}
+        return {**setup, **flat({k: v for k, v in c.recipe.items() if k != "deviations"})}
+
+    ours, theirs = compared(cfg), compared(shipped)
+    changed = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k, MISSING) != theirs.get(k, MISSING))
+    shown = lambda value: json.dumps(value) if value is not MISSING else "—"  # noqa: E731
+    return ", ".join(f"{k} {shown(ours.get(k, MISSING))} (shipped {shown(theirs.get(k, MISSING))})"
+                     for k in changed) or None
+
+
+MISSING = object()   # a key one config has and the other lacks
+
+
+@functools.lru_cache(maxsize=1)
+def read_once(path: Path, mtime_ns: int) -> dict:
+    """A benchmarks file read once per version of it (`resolved` only reads the document)."""
+    return load_benchmarks(path)
 
 
 def deviations_of(recipe: dict, **run) -> list[str]:

@@ -53,13 +53,15 @@ def counted_runs():
     precision = func.coalesce(Run.extra["precision"].as_string(),
                               case((Run.device.like("%cpu (%"), "fp32"), else_="bf16"))
     tau_chosen_on = Run.extra["tau_selected_on"].as_string()   # τ-norm, post-hoc LA: val, or test without one
+    recipe = Run.extra["recipe_changes"].as_string()   # None: the shipped benchmarks.yaml's recipe
     newest_first = func.row_number().over(
         partition_by=[Run.dataset, Run.rho, Run.preset, Run.method, Run.backbone, Run.generator, epochs,
-                      augmentation, precision, tau_chosen_on, Run.seed],
+                      augmentation, recipe, precision, tau_chosen_on, Run.seed],
         order_by=[Run.finished_at.desc(), Run.id.desc()])
     runs = select(Run.id, Run.dataset, Run.rho, Run.preset, Run.method, Run.backbone, Run.generator,
-                  epochs.label("epochs"), augmentation.label("augmentation"), precision.label("precision"),
-                  tau_chosen_on.label("tau_chosen_on"), newest_first.label("newest_first")).where(RANKED).subquery()
+                  epochs.label("epochs"), augmentation.label("augmentation"), recipe.label("recipe"),
+                  precision.label("precision"), tau_chosen_on.label("tau_chosen_on"),
+                  newest_first.label("newest_first")).where(RANKED).subquery()
     return select(runs).where(runs.c.newest_first == 1).subquery("counted")
 
 
@@ -70,11 +72,12 @@ def load_results(store: Store) -> pd.DataFrame:
     top1 = [func.max(case((Metric.group == g, Metric.top1))).label(f"top1_{g}") for g in GROUPS]
     query = (select(Run.id, Run.method, Run.dataset, Run.rho, Run.backbone, Run.generator, Run.seed, Run.preset,
                     Run.finished_at, Run.wall_seconds, Run.device, Run.git_commit, Run.stage1_cached,
-                    counted.c.epochs, counted.c.augmentation, counted.c.precision, counted.c.tau_chosen_on,
+                    counted.c.epochs, counted.c.augmentation, counted.c.recipe, counted.c.precision,
+                    counted.c.tau_chosen_on,
                     Run.extra["stage1_seconds"].as_float().label("stage1_seconds"), *top1)
              .join(counted, counted.c.id == Run.id)
              .outerjoin(Metric, and_(Metric.run_id == Run.id, Metric.split == "test"))
-             .group_by(Run.id, counted.c.epochs, counted.c.augmentation, counted.c.precision,
+             .group_by(Run.id, counted.c.epochs, counted.c.augmentation, counted.c.recipe, counted.c.precision,
                        counted.c.tau_chosen_on))
     with store.engine.connect() as con:
         df = pd.read_sql(query, con)
@@ -393,9 +396,10 @@ def differs_text(differs) -> str:
 
 
 # setup values that change what a row's number means: named on the row even where every row has them
-ALWAYS_NAMED = {"tau_chosen_on": "test"}
-# setup fields of some methods only: None there is "not this method's", neither shown nor a difference
-SOME_METHODS = {"tau_chosen_on"}
+ALWAYS_NAMED = {"tau_chosen_on": lambda value: value == "test", "recipe": lambda value: value is not None}
+# setup fields of some rows only: None there is "not this method's" (τ) or "the shipped recipe",
+# neither shown nor a difference
+SOME_METHODS = {"tau_chosen_on", "recipe"}
 SETUP_LABELS = {"tau_chosen_on": "τ chosen on"}
 
 
@@ -406,14 +410,15 @@ def varying_fields(rows: pd.DataFrame, fields) -> list[str]:
 
 def shown_setup(row, varying: list[str]) -> list[str]:
     """A row's setup fields as "name value": those in `varying`, then any ALWAYS_NAMED value it has."""
-    names = varying + [f for f, value in ALWAYS_NAMED.items() if f not in varying and row[f] == value]
+    names = varying + [f for f, named in ALWAYS_NAMED.items() if f not in varying and named(row[f])]
     return [f"{SETUP_LABELS.get(f, f)} {readable(row[f])}" for f in names
             if not (f in SOME_METHODS and row[f] is None)]
 
 
 def setup_cells(board: Board) -> list[str]:
-    """Each row's backbone, plus the setup fields (generator, epochs, augmentation, precision,
-    τ's split) in which this board's rows differ from each other, and a τ chosen on test."""
+    """Each row's backbone, plus the setup fields (generator, epochs, augmentation, recipe,
+    precision, τ's split) in which this board's rows differ from each other, a recipe another
+    benchmarks file changed, and a τ chosen on test."""
     varying = varying_fields(board.rows, SETUP[1:])
     return [" · ".join([r["backbone"], *shown_setup(r, varying)]) for _, r in board.rows.iterrows()]
 
@@ -543,10 +548,11 @@ def render_markdown(boards: list[Board], out: Path) -> list[Path]:
 
 
 COMPARISON_NOTE = ("Δ = ours − a paper's top-1 for the same method trained on our backbone, generator, epochs and "
-                   "augmentation (paper preset only); \"Paper differs\" names the rest of its protocol that is not "
+                   "augmentation (paper preset and shipped recipe only); \"Paper differs\" names the rest of its protocol that is not "
                    "ours, or, without Δ, why it is not comparable. The reference table says how.")
 COLUMNS_NOTE = ("Setup: the backbone, then what differs between rows; \"τ chosen on test\" (a run without a "
-                "validation split) is an oracle. Compute: minutes per seed (its share where seeds "
+                "validation split) is an oracle; \"recipe …\" names what a copy of benchmarks.yaml changed of the "
+                "shipped recipe. Compute: minutes per seed (its share where seeds "
                 "trained together), a reused stage 1's included.")
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-MATCHED = ("backbone", "generator", "epochs", "augmentation")   # all equal to ours, or no Δ
+# all equal to ours, or no Δ. A reference's recipe is benchmarks.yaml's, which states none: a
+# row whose recipe another benchmarks file changed (its runs' recipe_changes) is not its protocol
+MATCHED = ("backbone", "generator", "epochs", "augmentation", "recipe")
 NOTED = ("framework", "selection", "runs", "tta", "precision")   # named beside Δ when they differ
 # what makes a board row's setup: the matched fields, the arithmetic, and the split a post-hoc τ
 # was chosen on (test where the run had no validation split: an oracle, never ranked as val's)
@@ -69,6 +71,8 @@ class Difference:
     def __str__(self) -> str:
         if self.name == "variant":   # a configuration of the method, not of the protocol: nothing of ours to name
             return f"variant: {self.theirs}"
+        if self.name == "recipe":    # theirs is the shipped benchmarks.yaml's, which ours names beside its own
+            return f"recipe {self.ours}"
         return f"{self.name} {readable(self.theirs)} (ours {readable(self.ours)})"
 
 

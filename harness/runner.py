@@ -235,6 +235,8 @@ def plan_job(method: Method, cfg: RunConfig, spec, data: LTData, ddata: DeviceDa
     reinitialise(model, cfg.recipe["stage1"].get("fresh"))
     ctx = RunContext(data=ddata, train_counts=data.train_counts, recipe=cfg.recipe, seed=cfg.seed)
     ctx.extra.update(extra, **titles(method, spec))
+    if cfg.recipe_changes:   # a benchmarks file's own recipe: its board row is named by it, and not the paper's
+        ctx.extra["recipe_changes"] = cfg.recipe_changes
     if world()[1] > 1:
         ctx.extra["world_size"] = world()[1]
     method.stage1_model(model, ctx)  # on the host: the model moves to the device once, with its stage-1 head

@@ -165,3 +165,28 @@ def test_every_key_the_engine_reads_from_a_stage_is_one_a_recipe_may_hold():
     from harness.engine import TrainSpec
 
     assert set(TrainSpec.RECIPE_KEYS) <= STAGE_KEYS
+
+
+def test_a_copy_of_benchmarks_yaml_records_what_its_recipe_changes_of_the_shipped_one(tmp_path):
+    """An ablation's copy: the keys it changes, as "key value (shipped value)"; nothing where a
+    recipe is the shipped one, and no part of the config or its hash (a run of an unchanged copy
+    is the shipped recipe's run)."""
+    from harness.config import with_overrides
+
+    text = open("benchmarks.yaml").read()
+    ablation = tmp_path / "ablation.yaml"
+    assert text.count("    weight_decay: 5.0e-3\n") == 1   # WB's stage 1 (recipes: wb_stage1)
+    ablation.write_text(text.replace("    weight_decay: 5.0e-3\n", "    weight_decay: 1.0e-3\n    nesterov: true\n"))
+    copy = tmp_path / "copy.yaml"
+    copy.write_text(text)
+    args = dict(method="wb", dataset="cifar100-lt", rho=100.0, seed=0, preset="quick", epochs=5)
+    shipped = resolve(DOC, **args)
+    changed = resolve(load_benchmarks(ablation), **args)
+    assert shipped.recipe_changes is None and resolve(load_benchmarks(copy), **args).recipe_changes is None
+    assert changed.recipe_changes == ("stage1.nesterov true (shipped —), "
+                                      "stage1.weight_decay 0.001 (shipped 0.005)")
+    assert resolve(load_benchmarks(ablation), **{**args, "method": "ce"}).recipe_changes is None
+    assert "recipe_changes" not in shipped.to_dict()
+    assert resolve(load_benchmarks(copy), **args).config_hash() == shipped.config_hash()
+    # a tuning trial's values are its study's, not the file's: they leave the record as it was
+    assert with_overrides(changed, {"stage2.weight_decay": 0.2}, "wb").recipe_changes == changed.recipe_changes

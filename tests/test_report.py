@@ -484,6 +484,22 @@ def test_precision_is_part_of_a_setup_and_named_against_the_papers_fp32_on_every
     assert sorted(r["model_name"] for r in pwc) == ["ce (resnet32 · precision bf16)", "ce (resnet32 · precision fp32)"]
 
 
+def test_a_recipe_another_benchmarks_file_changed_is_its_own_row_named_without_the_papers_delta(store_url, bench):
+    """An ablation's copy of benchmarks.yaml (another weight decay) at preset paper took the place
+    of the shipped recipe's run of the same seed and was compared with the paper; now it is a row
+    of its own, named by what it changes, with no Δ."""
+    store = Store(store_url)
+    changed = {"recipe_changes": "stage1.weight_decay 0.05 (shipped 0.0002)"}
+    add_run(store, "shipped", "ce", 0, 84.0)
+    add_run(store, "ablation0", "ce", 0, 80.0, extra=changed)
+    add_run(store, "ablation1", "ce", 1, 82.0, extra=changed)
+    [board] = rep.build_boards(store, bench, plots=False)
+    assert board.rows[["n", "all_mean"]].values.tolist() == [[1, 84.0], [2, 81.0]]
+    assert board.rows.loc[0, "delta"] == pytest.approx(84.0 - 86.0) and pd.isna(board.rows.loc[1, "delta"])
+    assert "recipe stage1.weight_decay 0.05 (shipped 0.0002)" in [str(d) for d in board.rows.loc[1, "paper_differs"]]
+    assert rep.setup_cells(board) == ["resnet32", "resnet32 · recipe stage1.weight_decay 0.05 (shipped 0.0002)"]
+
+
 def test_compute_is_labelled_gpu_for_every_device_but_the_cpu(store_url):
     """The CPU as device_name stores it (alone, or under torchrun) is CPU; any accelerator, an AMD
     one too, is GPU (a list of NVIDIA names called an MI300X's minutes CPU)."""

@@ -1,4 +1,6 @@
 """End to end on the synthetic dataset: real training, real store, tiny budget."""
+from pathlib import Path
+
 import pytest
 import torch
 from sqlalchemy import func, select
@@ -78,6 +80,24 @@ def test_a_run_without_a_validation_split_reuses_the_stage1_of_one_with_it(synth
     assert tau.extra["tau_selected_on"] == "test"
     [first] = run("ce", synth, generator="first")   # other training images: a stage 1 of their own
     assert not first.stage1_cached
+
+
+def test_a_run_of_another_benchmarks_file_records_what_it_changes(synth, tmp_path, monkeypatch):
+    """Against the shipped file (here the synthetic one), in the run's record, which its board row
+    is named by; a dataset the shipped file lacks records nothing (the synthetic one, elsewhere)."""
+    import os
+
+    import harness.config as config
+
+    shipped = os.environ["HARNESS_BENCHMARKS"]
+    monkeypatch.setattr(config, "SHIPPED_BENCHMARKS", Path(shipped).resolve())
+    ablation = tmp_path / "ablation.yaml"
+    ablation.write_text(Path(shipped).read_text().replace("ce: {stage1: *tiny}",
+                                                          "ce: {stage1: {<<: *tiny, weight_decay: 0.05}}"))
+    [plain] = run("ce", synth)
+    [changed] = run("ce", synth, benchmarks=str(ablation))
+    assert "recipe_changes" not in plain.extra
+    assert Store(synth).get_run(changed.run_id).extra["recipe_changes"] == "stage1.weight_decay 0.05 (shipped 0.0005)"
 
 
 def test_tau_norm_stores_the_whole_sweep_and_both_selections(synth):
