@@ -1,6 +1,8 @@
 """Feature-balanced loss (FBL), Li et al., ICME 2022: during training only, every logit
 is lowered by c(t) * λ * ŝ_j / ||f||, a count-based offset scaled by the inverse feature
-norm, with the curriculum c(t) = (t / (T - 10))^2 over 0-based epochs t."""
+norm, with the curriculum c(t) = (t / t_full)^2 over 0-based epochs t. The official code's
+t_full is T - 10 (train.py); a recipe states it as stage1.full_strength_epoch, which a shorter
+budget scales with the rest of the schedule."""
 
 import torch
 import torch.nn.functional as F
@@ -15,15 +17,20 @@ def class_strengths(counts: torch.Tensor) -> torch.Tensor:
     return gap / top if top > 0 else torch.zeros_like(gap)
 
 
-def curriculum(epoch: int, epochs: int) -> float:
-    # The paper's T - 10 assumes T well above 10; short runs fall back to T.
-    denom = epochs - 10 if epochs > 10 else epochs
-    return (epoch / denom) ** 2
+def full_strength_epoch(stage1: dict) -> int:
+    """The epoch at which c(t) reaches 1: the recipe's, else the official T - 10 (T itself for a
+    run of 10 epochs or fewer, where T - 10 means nothing)."""
+    epochs = stage1["epochs"]
+    return stage1.get("full_strength_epoch", epochs - 10 if epochs > 10 else epochs)
 
 
-def fbl_loss(logits, feats, target, epoch, strengths, lam, epochs):
+def curriculum(epoch: int, full_at: int) -> float:
+    return (epoch / full_at) ** 2
+
+
+def fbl_loss(logits, feats, target, epoch, strengths, lam, full_at):
     norm = feats.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    adjusted = logits - curriculum(epoch, epochs) * lam * strengths / norm
+    adjusted = logits - curriculum(epoch, full_at) * lam * strengths / norm
     return F.cross_entropy(adjusted, target)
 
 
@@ -36,10 +43,10 @@ class FeatureBalancedLoss(Method):
     def stage1_loss(self, ctx: RunContext):
         lam = float(ctx.recipe.get("lambda", 60.0))
         strengths = class_strengths(class_counts(ctx))
-        epochs = ctx.recipe["stage1"]["epochs"]
+        full_at = full_strength_epoch(ctx.recipe["stage1"])
 
         def loss(logits, feats, target, epoch):
-            return fbl_loss(logits, feats, target, epoch, strengths, lam, epochs)
+            return fbl_loss(logits, feats, target, epoch, strengths, lam, full_at)
 
         return f"fbl(lambda={lam})", loss
 

@@ -9,7 +9,7 @@ from harness.engine import DeviceData, train
 from harness.method import RunContext
 from harness.models import fmnist_cnn
 from methods.crt import METHOD as CRT
-from methods.fbl import class_strengths, curriculum, fbl_loss
+from methods.fbl import class_strengths, curriculum, fbl_loss, full_strength_epoch
 from methods.lws import METHOD as LWS
 from harness.method import class_balanced_weights, grid_of
 from methods.tau_norm import TauNormLinear
@@ -59,13 +59,19 @@ def test_fbl_loss_by_hand_and_equal_to_ce_at_epoch_0():
     logits = torch.tensor([[1.0, 2.0, 0.5]])
     feats = torch.tensor([[3.0, 4.0]])  # norm 5
     target = torch.tensor([1])
-    assert fbl_loss(logits, feats, target, 0, s, 60.0, 200).item() == pytest.approx(
+    assert fbl_loss(logits, feats, target, 0, s, 60.0, 190).item() == pytest.approx(
         F.cross_entropy(logits, target).item())
     c = (95 / 190) ** 2
     z = [1.0 - c * 60 * 0.0 / 5, 2.0 - c * 60 * 0.5 / 5, 0.5 - c * 60 * 1.0 / 5]
     expected = -z[1] + math.log(sum(math.exp(v) for v in z))
-    assert fbl_loss(logits, feats, target, 95, s, 60.0, 200).item() == pytest.approx(expected, rel=1e-6)
-    assert curriculum(95, 200) == pytest.approx(c)
+    assert fbl_loss(logits, feats, target, 95, s, 60.0, 190).item() == pytest.approx(expected, rel=1e-6)
+    assert curriculum(95, 190) == pytest.approx(c)
+
+
+def test_fbl_reaches_full_strength_at_the_official_t_minus_10_unless_the_recipe_says():
+    assert full_strength_epoch({"epochs": 200}) == 190   # train.py: (epoch / (args.epochs - 10)) ** 2
+    assert full_strength_epoch({"epochs": 8}) == 8
+    assert full_strength_epoch({"epochs": 40, "full_strength_epoch": 38}) == 38
 
 
 def make_ctx(num_classes=3, n=24, recipe=None):

@@ -190,3 +190,13 @@ def test_a_copy_of_benchmarks_yaml_records_what_its_recipe_changes_of_the_shippe
     assert resolve(load_benchmarks(copy), **args).config_hash() == shipped.config_hash()
     # a tuning trial's values are its study's, not the file's: they leave the record as it was
     assert with_overrides(changed, {"stage2.weight_decay": 0.2}, "wb").recipe_changes == changed.recipe_changes
+
+
+def test_fbl_curriculum_keeps_its_shape_on_a_shorter_budget():
+    """Full strength at epoch 190 of 200 (the official T - 10); a preset scales it as it scales the
+    schedule's epochs: the quick Fashion-MNIST-LT run reached c = (39/30)^2 = 1.69 in its last
+    epoch, against the official run's (199/190)^2 = 1.10."""
+    for dataset, rho in (("cifar10-lt", 100), ("cifar100-lt", 100), ("imagenet-lt", 256), ("places-lt", 996)):
+        assert recipe(dataset, "fbl", rho).recipe["stage1"]["full_strength_epoch"] == 190
+    quick = resolve(DOC, method="fbl", dataset="fmnist-lt", rho=100, seed=0, preset="quick").recipe["stage1"]
+    assert (quick["epochs"], quick["full_strength_epoch"]) == (40, 38)
