@@ -56,9 +56,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def device_name(device: torch.device) -> str:
-    """The device a run computed on, as stored. On the CPU it names the processor and the
-    instruction set torch's kernels were picked for: their rounding differs, so one run ends about
-    half a point apart on AVX2 and on other kernels (Fashion-MNIST-LT CE, preset quick)."""
+    """The device a run computed on, as stored. On the CPU it names the processor, the threads and
+    the instruction set torch's kernels were picked for: each changes the rounding, and the same
+    CE run (Fashion-MNIST-LT, preset quick) ends 0.19 points apart on AVX2 and on the baseline
+    kernels of one machine, 0.54 apart on two machines (README, What a run records)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({cpu_model()}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()})"

@@ -548,8 +548,8 @@ def render_markdown(boards: list[Board], out: Path) -> list[Path]:
 
 
 COMPARISON_NOTE = ("Δ = ours − a paper's top-1 for the same method trained on our backbone, generator, epochs and "
-                   "augmentation (paper preset and shipped recipe only); \"Paper differs\" names the rest of its protocol that is not "
-                   "ours, or, without Δ, why it is not comparable. The reference table says how.")
+                   "augmentation (paper preset and shipped recipe only); \"Paper differs\" names the rest of its "
+                   "protocol that is not ours, or, without Δ, why it is not comparable. The reference table says how.")
 COLUMNS_NOTE = ("Setup: the backbone, then what differs between rows; \"τ chosen on test\" (a run without a "
                 "validation split) is an oracle; \"recipe …\" names what a copy of benchmarks.yaml changed of the "
                 "shipped recipe. Compute: minutes per seed (its share where seeds "
