@@ -275,6 +275,9 @@ def resolved(doc: dict, *, method: str, dataset: str, rho: float, seed: int, pre
 SHIPPED_BENCHMARKS = (Path(__file__).parent / "benchmarks.yaml").resolve()   # the repository's, in the wheel
 
 
+MISSING = object()   # a key one config has and the other lacks
+
+
 def shipped_changes(doc: dict, cfg: RunConfig, choices: dict) -> str | None:
     """What `cfg`, resolved from a benchmarks file other than the shipped one (--benchmarks,
     HARNESS_BENCHMARKS: an ablation's copy), changes of the shipped file's config for the same
@@ -297,9 +300,6 @@ def shipped_changes(doc: dict, cfg: RunConfig, choices: dict) -> str | None:
     shown = lambda value: json.dumps(value) if value is not MISSING else "—"  # noqa: E731
     return ", ".join(f"{k} {shown(ours.get(k, MISSING))} (shipped {shown(theirs.get(k, MISSING))})"
                      for k in changed) or None
-
-
-MISSING = object()   # a key one config has and the other lacks
 
 
 @functools.lru_cache(maxsize=1)

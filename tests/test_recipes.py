@@ -1,5 +1,7 @@
 """The shipped benchmarks.yaml resolves to each official code's recipe, per dataset (DESIGN.md
 §2, §3, §3b), and says what it does not follow."""
+from pathlib import Path
+
 import pytest
 
 from harness.config import load_benchmarks, resolve
@@ -173,7 +175,7 @@ def test_a_copy_of_benchmarks_yaml_records_what_its_recipe_changes_of_the_shippe
     is the shipped recipe's run)."""
     from harness.config import with_overrides
 
-    text = open("benchmarks.yaml").read()
+    text = Path("benchmarks.yaml").read_text()
     ablation = tmp_path / "ablation.yaml"
     assert text.count("    weight_decay: 5.0e-3\n") == 1   # WB's stage 1 (recipes: wb_stage1)
     ablation.write_text(text.replace("    weight_decay: 5.0e-3\n", "    weight_decay: 1.0e-3\n    nesterov: true\n"))
