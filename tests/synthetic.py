@@ -62,7 +62,7 @@ BENCHMARKS_YAML = textwrap.dedent("""
         val_per_class: 5
         presets:
           paper: {}
-          quick: {stage1_epochs: 2, stage2_epochs: 1}
+          quick: {stage1_fraction: 0.67, stage2_fraction: 0.5}   # 2 of 3 epochs; 1 of 2
         methods:
           ce: {stage1: *tiny}
           crt: {stage1: *tiny, stage2: *tiny2}

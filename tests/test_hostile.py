@@ -70,8 +70,11 @@ CASES = {
                                         "is not a text (UTF-8) file"),
     "benchmarks.yaml that does not exist": (lambda t: ["--benchmarks", str(t / "nope.yaml")],
                                             "nope.yaml does not exist"),
-    "benchmarks.yaml with a preset of 0 epochs": (lambda t: ["--benchmarks", write(t / "b.yaml", ZERO_PRESET_YAML)],
-                                                  "stage1_epochs must be an integer >= 1"),
+    "benchmarks.yaml with a preset of no epochs": (lambda t: ["--benchmarks", write(t / "b.yaml", ZERO_PRESET_YAML)],
+                                                   "stage1_fraction must be a number in (0, 1]"),
+    "benchmarks.yaml with an epoch-count preset": (
+        lambda t: ["--benchmarks", write(t / "b.yaml", ZERO_PRESET_YAML.replace("stage1_fraction: 0", "stage2_epochs: 2"))],
+        "stage2_epochs (one epoch count for every method) is replaced by stage2_fraction"),
     "recipe without a learning rate": (lambda t: ["--benchmarks", write(t / "b.yaml", NO_LR_YAML)],
                                        "stage1.lr must be a number, got None"),
     "train_only given as one string": (lambda t: ["--benchmarks", write(t / "b.yaml", recipe_yaml("train_only: fc."))],
@@ -104,7 +107,7 @@ CASES = {
 ZERO_PRESET_YAML = """version: 1
 benchmarks:
   cifar10-lt:
-    presets: {paper: {stage1_epochs: 0}}
+    presets: {paper: {stage1_fraction: 0}}
     methods: {}
 """
 def recipe_yaml(stage1_extra: str) -> str:

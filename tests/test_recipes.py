@@ -202,3 +202,26 @@ def test_fbl_curriculum_keeps_its_shape_on_a_shorter_budget():
         assert recipe(dataset, "fbl", rho).recipe["stage1"]["full_strength_epoch"] == 190
     quick = resolve(DOC, method="fbl", dataset="fmnist-lt", rho=100, seed=0, preset="quick").recipe["stage1"]
     assert (quick["epochs"], quick["full_strength_epoch"]) == (40, 38)
+
+
+def test_a_preset_runs_every_recipe_for_the_same_fraction_of_its_epochs():
+    """Quick on Fashion-MNIST-LT is a fifth of each stage-1 recipe: BALMS's 4,334 epochs (13k
+    iterations at batch 512) become 867, not the 40 of the 200-epoch recipes, which left Balanced
+    Softmax 80 steps against CE's 400 (top-1 44.6 at 40 epochs, 69.4 at 200, seed 0); stage 2
+    runs whole, LWS its own 5 epochs and not cRT's 10."""
+    def stages(method, dataset="fmnist-lt", preset="quick"):
+        cfg = resolve(DOC, method=method, dataset=dataset, rho=100, seed=0, preset=preset).recipe
+        return cfg["stage1"], cfg.get("stage2")
+
+    assert stages("ce")[0]["epochs"] == 40 and stages("wb")[0]["epochs"] == 40
+    balms, _ = stages("balanced_softmax")
+    assert (balms["epochs"], balms["paper_epochs"], balms["schedule"]["warmup_epochs"]) == (867, 4334, 53)
+    assert stages("crt")[1]["epochs"] == 10 and stages("lws")[1]["epochs"] == 5
+    # CIFAR's quick: a twentieth of stage 1, a fifth of stage 2
+    assert stages("balanced_softmax", "cifar10-lt")[0]["epochs"] == 26   # of 520
+    assert (stages("crt", "cifar10-lt")[1]["epochs"], stages("lws", "cifar10-lt")[1]["epochs"]) == (2, 1)
+    # --epochs fixes stage 1 for the one method asked, and names its own board
+    custom = resolve(DOC, method="balanced_softmax", dataset="fmnist-lt", rho=100, seed=0, preset="quick", epochs=200)
+    assert (custom.recipe["stage1"]["epochs"], custom.preset) == (200, "quick-e200")
+    same = resolve(DOC, method="balanced_softmax", dataset="fmnist-lt", rho=100, seed=0, preset="quick", epochs=867)
+    assert same.preset == "quick"
