@@ -188,6 +188,29 @@ def check_recipe(recipe, where: str) -> None:
         raise HarnessError(f"{where}: unknown augmentation {unknown}; known: {', '.join(AUGMENTATIONS)}")
 
 
+def check_epochs(recipe: dict, where: str) -> None:
+    """The epochs a recipe names as written lie inside their stage: a milestone, warm-up or DRW start
+    at or past a stage's last epoch would never act, and the run would train without it and say
+    nothing. (A preset's scaling may round one onto the last epoch of a short stage; it is checked
+    before.)"""
+    for stage in ("stage1", "stage2"):
+        values = recipe.get(stage)
+        if values is None:
+            continue
+        epochs, sched = values["epochs"], values["schedule"]
+        named = [(f"{stage}.schedule.steps epoch", at) for at, _ in sched.get("steps", [])]
+        if sched["kind"] == "warmup-step" and sched.get("warmup_epochs"):
+            named.append((f"{stage}.schedule.warmup_epochs", sched["warmup_epochs"]))
+        named += [(f"{stage}.{key}", value) for key, value in values.items() if str(key).endswith("_epoch")]
+        for name, at in named:
+            if not isinstance(at, Real) or isinstance(at, bool) or not 0 <= at < epochs:
+                raise HarnessError(f"{where}: {name} {at!r} is not an epoch of {stage}'s 0 ... {epochs - 1}; "
+                                   f"move it inside, or give {stage} more epochs")
+        milestones = [at for at, _ in sched.get("steps", [])]
+        if milestones != sorted(milestones):
+            raise HarnessError(f"{where}: {stage}.schedule.steps must be in epoch order, got {milestones}")
+
+
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -266,6 +289,7 @@ def resolved(doc: dict, *, method: str, dataset: str, rho: float, seed: int, pre
         recipe["deviations"] = recipe.get("deviations", []) + fallback
     recipe_backbone = recipe.pop("backbone", None)
     check_recipe(recipe, f"{doc['_path']}: {dataset} / {method}")
+    check_epochs(recipe, f"{doc['_path']}: {dataset} / {method}")
     generator = generator or bench.get("generator", "ldam")
     backbone = backbone or recipe_backbone or bench["backbone"]
     recipe["deviations"] = deviations_of(recipe, backbone=backbone, generator=generator)

@@ -81,6 +81,16 @@ CASES = {
                                        "stage1.train_only must be a list of module-name prefixes"),
     "stage key misspelt": (lambda t: ["--benchmarks", write(t / "b.yaml", recipe_yaml("nestrov: true"))],
                            "unknown key stage1.nestrov (did you mean nesterov?)"),
+    "lr milestone past the last epoch": (
+        lambda t: ["--benchmarks", write(t / "b.yaml", recipe_yaml("nesterov: false").replace(
+            "{kind: constant}", "{kind: warmup-step, steps: [[20, 0.1]]}"))],
+        "stage1.schedule.steps epoch 20 is not an epoch of stage1's 0 ... 1; move it inside, or give stage1 more epochs"),
+    "lr milestones out of order": (
+        lambda t: ["--benchmarks", write(t / "b.yaml", recipe_yaml("nesterov: false").replace(
+            "{kind: constant}", "{kind: warmup-step, steps: [[1, 0.1], [0, 0.01]]}"))],
+        "stage1.schedule.steps must be in epoch order, got [1, 0]"),
+    "DRW start past the last epoch": (lambda t: ["--benchmarks", write(t / "b.yaml", recipe_yaml("drw_epoch: 2"))],
+                                      "stage1.drw_epoch 2 is not an epoch of stage1's 0 ... 1"),
     "bn_mode misspelt": (lambda t: ["--benchmarks", write(t / "b.yaml", recipe_yaml("bn_mode: evaluate"))],
                          "stage1.bn_mode must be train or eval, got 'evaluate'"),
     "data root that is a file": (lambda t: ["--data-root", write(t / "data.txt", "not a folder")],
