@@ -74,6 +74,14 @@ class RunResult:
     stage1_cached: bool
 
 
+def asked_precision(req: RunRequest) -> str | None:
+    """The precision a run's config holds: None for the device's default, also where it is asked
+    for by name (fp32 on the CPU computes what the default does: one config, one hash)."""
+    if req.precision is not None and req.precision == precision_on(resolve_device(req.device), None):
+        return None
+    return req.precision
+
+
 def prepare(req: RunRequest, seed: int) -> tuple[Method, object, RunConfig]:
     method = METHODS.get(req.method)
     spec = DATASETS.get(req.dataset)
@@ -87,7 +95,7 @@ def prepare(req: RunRequest, seed: int) -> tuple[Method, object, RunConfig]:
                   epochs=req.epochs, generator=generator, backbone=req.backbone,
                   val_per_class=req.val_per_class,
                   method_default_recipe=getattr(method, "default_recipe", None),
-                  default_augmentation=getattr(spec, "augmentation", "crop+flip"), precision=req.precision)
+                  default_augmentation=getattr(spec, "augmentation", "crop+flip"), precision=asked_precision(req))
     if req.overrides:
         cfg = with_overrides(cfg, req.overrides, f"{req.dataset} / {req.method}")
     if req.preset_label:

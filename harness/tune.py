@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 
 from harness import HarnessError
 from harness.config import recipe_keys
-from harness.runner import RunRequest, RunStopped, execute, prepare
+from harness.runner import RunRequest, RunStopped, asked_precision, execute, prepare
 
 # Optuna's liveness check: a trial whose process has not beaten for GRACE_SECONDS is dead
 HEARTBEAT_SECONDS, GRACE_SECONDS = 30, 120
@@ -136,7 +136,7 @@ def study_name(req: TuneRequest, space: list[Dimension]) -> str:
     # a benchmark default overridden (backbone, generator, validation split, precision) is another
     # study; without overrides the name is what it always was, so stored studies resume
     overridden = [[k, v] for k, v in (("generator", r.generator), ("backbone", r.backbone),
-                                       ("val_per_class", r.val_per_class), ("precision", r.precision))
+                                       ("val_per_class", r.val_per_class), ("precision", asked_precision(r)))
                   if v is not None]
     digest = hashlib.sha256(json.dumps([[d.key, d.text] for d in space] + overridden).encode()).hexdigest()[:8]
     rho = r.rho if r.rho == "natural" else f"{float(r.rho):g}"

@@ -169,11 +169,14 @@ def test_an_override_of_the_benchmark_makes_another_study_and_the_default_keeps_
     assert tune_mod.study_name(req, space) == f"wb-synth-lt-rho100-quick-seed0-{digest}"   # stored studies resume
     names = {tune_mod.study_name(request(synth), space)}
     for override in ({"generator": "first"}, {"backbone": "resnet32"}, {"val_per_class": 3}, {"val_per_class": 0},
-                     {"precision": "fp32"}, {"precision": "bf16"}):
+                     {"precision": "bf16"}):
         other = request(synth)
         other.run.__dict__.update(override)
         names.add(tune_mod.study_name(other, space))
-    assert len(names) == 7
+    assert len(names) == 6
+    fp32 = request(synth)
+    fp32.run.__dict__.update(precision="fp32")   # the CPU's default by name: the default's study
+    assert fp32.run.device == "cpu" and tune_mod.study_name(fp32, space) == tune_mod.study_name(req, space)
 
 
 def test_a_search_without_a_validation_split_is_refused_before_a_trial_trains(synth, tmp_path, monkeypatch):
