@@ -266,7 +266,7 @@ def write_smoke_plugin(site: Path) -> Path:
 
 def write_smoke_benchmarks(path: Path) -> Path:
     """CIFAR-10-LT's benchmark (recipes, references) for the smoke's dataset, on the small CNN,
-    its preset a few epochs (1 of 200, 3 of BALMS's 520, 1 of stage 2)."""
+    its preset one epoch of its methods' 200-epoch stage 1 and 10-epoch stage 2."""
     import yaml
 
     doc = yaml.safe_load((REPO / "benchmarks.yaml").read_text())
