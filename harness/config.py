@@ -110,15 +110,19 @@ def scale_stage(stage: dict, epochs: int) -> dict:
     if epochs == base:
         return out
     factor = epochs / base
+
+    def scaled(at):   # an epoch the recipe names keeps its place; 0 (from the start) stays 0
+        return max(1, round(at * factor)) if at else 0
+
     out["epochs"] = epochs
     sched = out.get("schedule", {})
     if sched.get("warmup_epochs"):
         least = 2 if sched.get("kind") == "warmup-cosine" else 1
         sched["warmup_epochs"] = max(least, round(sched["warmup_epochs"] * factor))
     if "steps" in sched:
-        sched["steps"] = [[max(1, round(at * factor)), value] for at, value in sched["steps"]]
+        sched["steps"] = [[scaled(at), value] for at, value in sched["steps"]]
     for key in [k for k in out if k.endswith("_epoch")]:
-        out[key] = max(1, round(out[key] * factor))
+        out[key] = scaled(out[key])
     out["paper_epochs"] = base
     return out
 

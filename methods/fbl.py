@@ -25,7 +25,9 @@ def full_strength_epoch(stage1: dict) -> int:
 
 
 def curriculum(epoch: int, full_at: int) -> float:
-    return (epoch / full_at) ** 2
+    """c(t) = (t / t_full)^2, unclamped past t_full as in train.py; t_full = 0 is full strength
+    from the first epoch."""
+    return (epoch / full_at) ** 2 if full_at > 0 else 1.0
 
 
 def fbl_loss(logits, feats, target, epoch, strengths, lam, full_at):

@@ -91,6 +91,13 @@ def test_quick_preset_scales_the_schedule():
     assert stage["schedule"]["steps"][0][0] == 160  # the paper recipe is not mutated
 
 
+def test_an_epoch_0_the_recipe_names_stays_at_the_start_when_a_preset_scales_it():
+    """DRW from epoch 0 is re-weighting from the start; scaled, it must not start one epoch late."""
+    stage = {"epochs": 200, "lr": 0.1, "drw_epoch": 0, "schedule": {"kind": "step", "steps": [[0, 0.5], [160, 0.01]]}}
+    quick = scale_stage(stage, 20)
+    assert quick["drw_epoch"] == 0 and quick["schedule"]["steps"] == [[0, 0.5], [16, 0.01]]
+
+
 # ---------------------------------------------------------------- class-aware sampling
 
 def test_class_aware_epoch_is_n_train_over_batch_steps():

@@ -74,6 +74,15 @@ def test_fbl_reaches_full_strength_at_the_official_t_minus_10_unless_the_recipe_
     assert full_strength_epoch({"epochs": 40, "full_strength_epoch": 38}) == 38
 
 
+def test_fbl_at_full_strength_from_epoch_0_is_the_whole_offset_not_a_division_by_zero():
+    logits, feats, target = torch.tensor([[1.0, 2.0, 0.5]]), torch.tensor([[3.0, 4.0]]), torch.tensor([1])
+    s = torch.tensor([0.0, 0.5, 1.0])
+    z = [1.0, 2.0 - 60 * 0.5 / 5, 0.5 - 60 * 1.0 / 5]
+    expected = -z[1] + math.log(sum(math.exp(v) for v in z))
+    for epoch in (0, 7):
+        assert fbl_loss(logits, feats, target, epoch, s, 60.0, 0).item() == pytest.approx(expected, rel=1e-6)
+
+
 def make_ctx(num_classes=3, n=24, recipe=None):
     torch.manual_seed(0)
     x = torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8)
