@@ -365,3 +365,19 @@ def test_a_trial_killed_just_before_a_search_began_has_its_row_closed_during_the
     row = Store(synth).get_run("killed")
     assert row.status == "failed" and "heartbeat stopped" in row.error
     assert lines[-1] == "run killed: its trial's process died mid-training; marked failed"
+
+
+def test_a_study_tuned_on_another_store_and_merged_goes_on_from_its_trials(synth, tmp_path):
+    """`harness db merge` copies trial runs, not Optuna's tables: the study, resumed in the store
+    merged into, takes the merged trials back from their rows and trains only the missing ones."""
+    remote = f"sqlite:///{tmp_path / 'gpu-box.db'}"
+    first = tune(request(remote, trials=2, final=False), report=lambda line: None)
+    with Store(synth) as here, Store(remote) as there:
+        assert here.merge_from(there)["copied"] == 2
+    lines = []
+    again = tune(request(synth, trials=3, final=False), report=lines.append)
+    assert again["study"] == first["study"] and f"study {first['study']}: 2 of 3 trials done" in lines
+    runs = trial_runs(synth, again["study"])
+    assert len(runs) == 3 and again["n_trials"] == 3   # one trained here, the merged two not again
+    merged_ids = {r.id for r in trial_runs(remote, first["study"])}
+    assert {t.user_attrs.get("run_id") for t in added_back(synth, again["study"])} == merged_ids
