@@ -19,14 +19,18 @@ def cache_root(explicit: str | os.PathLike | None = None) -> Path:
     return Path(explicit or os.environ.get("HARNESS_CACHE") or ".harness_cache")
 
 
-def check_cache_root(root: Path) -> Path:
-    """The cache folder, created if missing; a path that cannot be one is refused before anything runs."""
+def check_folder(root: Path, what: str, fix: str) -> Path:
+    """A folder the run writes to, created if missing; a path that cannot be one is refused
+    before anything runs."""
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise HarnessError(f"cache folder {root} cannot be used ({exc.strerror}); pass --cache-dir DIR "
-                           "or set HARNESS_CACHE") from None
+        raise HarnessError(f"{what} {root} cannot be used ({exc.strerror}); {fix}") from None
     return root
+
+
+def check_cache_root(root: Path) -> Path:
+    return check_folder(root, "cache folder", "pass --cache-dir DIR or set HARNESS_CACHE")
 
 
 def stage1_key(config: dict, method_identity: dict, training_checksum: str) -> str:

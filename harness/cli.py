@@ -58,6 +58,8 @@ def training_options(command):
         click.option("--download", is_flag=True, help="Let torchvision download a missing dataset."),
         click.option("--db", envvar="HARNESS_DB", help="SQLAlchemy URL of the results store [sqlite:///results.db]."),
         click.option("--cache-dir", envvar="HARNESS_CACHE", help="Stage-1 checkpoint cache [.harness_cache]."),
+        click.option("--save-model", metavar="DIR",
+                     help="Keep each run's final model as DIR/<run id>.pt (tuning trials excepted)."),
         click.option("--no-progress", is_flag=True, help="No progress bars."),
     ]):
         command = option(command)
@@ -95,7 +97,7 @@ def cli() -> None:
 @override_options
 @click.option("--benchmarks", envvar="HARNESS_BENCHMARKS", help="benchmarks.yaml to use.")
 def run(method, dataset, rho, seeds, preset, epochs, device, data_root, download, db, generator, backbone,
-        val_per_class, precision, cache_dir, benchmarks, no_progress) -> None:
+        val_per_class, precision, cache_dir, save_model, benchmarks, no_progress) -> None:
     """Train and evaluate METHOD on DATASET; store the result and print it."""
     from harness.runner import RunRequest, execute
 
@@ -103,7 +105,7 @@ def run(method, dataset, rho, seeds, preset, epochs, device, data_root, download
     req = RunRequest(method=method, dataset=dataset, rho=parse_rho(rho), seeds=seed_list, preset=preset, epochs=epochs,
                      device=device, data_root=data_root, download=download, db=db, generator=generator,
                      backbone=backbone, val_per_class=val_per_class, precision=precision, cache_dir=cache_dir,
-                     benchmarks=benchmarks, progress=not no_progress)
+                     save_model=save_model, benchmarks=benchmarks, progress=not no_progress)
     from harness.distributed import is_main
 
     results = execute(req)
@@ -135,7 +137,8 @@ def run(method, dataset, rho, seeds, preset, epochs, device, data_root, download
 @training_options
 @override_options
 def sweep(benchmarks, methods, datasets, rhos, seeds, preset, epochs, jobs, executor, address, dry_run, device,
-          data_root, download, db, cache_dir, no_progress, generator, backbone, val_per_class, precision) -> None:
+          data_root, download, db, cache_dir, save_model, no_progress, generator, backbone, val_per_class,
+          precision) -> None:
     """Run the grid of benchmarks.yaml (methods x datasets x rho x seeds), skipping runs already completed."""
     from harness.runner import RunRequest
     from harness.sweep import execute_sweep, plan
@@ -144,8 +147,8 @@ def sweep(benchmarks, methods, datasets, rhos, seeds, preset, epochs, jobs, exec
         raise HarnessError("--jobs must be >= 1")
     seed_list = list(dict.fromkeys(seeds)) or [0]
     base = RunRequest(method="", dataset="", rho=1.0, preset=preset, epochs=epochs, device=device,
-                      data_root=data_root, download=download, db=db, cache_dir=cache_dir, benchmarks=benchmarks,
-                      generator=generator, backbone=backbone, val_per_class=val_per_class, precision=precision,
+                      data_root=data_root, download=download, db=db, cache_dir=cache_dir, save_model=save_model,
+                      benchmarks=benchmarks, generator=generator, backbone=backbone, val_per_class=val_per_class, precision=precision,
                       progress=not no_progress and jobs == 1 and executor == "local")
     planned = plan(base, listed(methods), listed(datasets), list(dict.fromkeys(map(parse_rho, listed(rhos)))),
                    seed_list)
@@ -186,7 +189,8 @@ def sweep(benchmarks, methods, datasets, rhos, seeds, preset, epochs, jobs, exec
 @override_options
 @click.option("--benchmarks", envvar="HARNESS_BENCHMARKS", help="benchmarks.yaml to use.")
 def tune(method, dataset, rho, params, trials, preset, seeds, jobs, study, no_final, prune, epochs, device, data_root,
-         download, db, cache_dir, no_progress, generator, backbone, val_per_class, precision, benchmarks) -> None:
+         download, db, cache_dir, save_model, no_progress, generator, backbone, val_per_class, precision,
+         benchmarks) -> None:
     """Tune METHOD's hyper-parameters on the validation split (Optuna TPE); train the chosen
     values with the seeds as preset `tuned`. The study lives in the results store's database."""
     from harness.runner import RunRequest
@@ -194,9 +198,9 @@ def tune(method, dataset, rho, params, trials, preset, seeds, jobs, study, no_fi
 
     run = RunRequest(method=method, dataset=dataset, rho=parse_rho(rho), seeds=list(dict.fromkeys(seeds)) or [0],
                      preset=preset, epochs=epochs, device=device, data_root=data_root, download=download, db=db,
-                     cache_dir=cache_dir, generator=generator, backbone=backbone, val_per_class=val_per_class,
-                     precision=precision,
-                     benchmarks=benchmarks, progress=not no_progress)
+                     cache_dir=cache_dir, save_model=save_model, generator=generator, backbone=backbone,
+                     val_per_class=val_per_class, precision=precision, benchmarks=benchmarks,
+                     progress=not no_progress)
     result = run_tune(TuneRequest(run=run, params=list(params), trials=trials, study=study, jobs=jobs,
                                   final=not no_final, prune=prune), report=click.echo)
     for run_id, metrics in zip(result.get("runs", []), result.get("results", [])):

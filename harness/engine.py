@@ -86,6 +86,7 @@ class DeviceData:
         self.test_x, self.test_y = data.test_x.to(device), data.test_y.to(device)
         self.size = data.train_x.shape[-1]
         c = data.train_x.shape[1]
+        self.mean, self.std = (torch.tensor(v, dtype=torch.float64).expand(c).tolist() for v in (mean, std))
         std_t = torch.tensor(std, dtype=torch.float32, device=device).expand(c).reshape(1, c, 1, 1)
         mean_t = torch.tensor(mean, dtype=torch.float32, device=device).expand(c).reshape(1, c, 1, 1)
         # (x/255 - mean)/std as one multiply-add on 0-255 pixels
@@ -102,6 +103,11 @@ class DeviceData:
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.float() * self.scale + self.shift
         return x.contiguous(memory_format=torch.channels_last)
+
+    def inputs(self) -> dict:
+        """How a test image becomes the model's input (a saved model's users need it)."""
+        return {"mean": self.mean, "std": self.std,
+                "pixels": f"{self.size}x{self.size} as stored, x / 255, then (x - mean) / std per channel"}
 
     def draw_augment(self, n: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
         """Crop offsets and flips for n samples (RandomCrop(padding) + RandomHorizontalFlip)."""

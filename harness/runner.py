@@ -18,7 +18,7 @@ import torch
 
 from harness import HarnessError
 from harness.augment import augmentation_transforms
-from harness.checkpoints import (cache_root, check_cache_root, drop_epoch_checkpoint, epoch_checkpoint_path,
+from harness.checkpoints import (cache_root, check_cache_root, check_folder, drop_epoch_checkpoint, epoch_checkpoint_path,
                                  load_checkpoint, save_atomic, stage1_key, stage1_path)
 from harness.config import RunConfig, has_key, load_benchmarks, resolve, with_overrides
 from harness.data import LTData, group_accuracies, per_class_accuracy, shot_group
@@ -49,6 +49,7 @@ class RunRequest:
     val_per_class: int | None = None
     precision: str | None = None    # fp32 or bf16; None: the device's default (engine.precision_on)
     cache_dir: str | None = None
+    save_model: str | None = None   # a folder: each run's final model goes there as <run id>.pt
     benchmarks: str | None = None
     progress: bool = True
     study: str | None = None      # set for the trials of `harness tune`: stored, never ranked
@@ -137,6 +138,8 @@ def execute(req: RunRequest) -> list[RunResult]:
     if root is not None and not root.is_dir():
         raise HarnessError(f"data root {root} is not a directory; pass --data-root DIR or set HARNESS_DATA_ROOT")
     cache = check_cache_root(cache_root(req.cache_dir))
+    if req.save_model is not None:
+        check_folder(Path(req.save_model), "model folder", "pass another --save-model DIR")
     data = spec.build(cfg0.rho, cfg0.generator, cfg0.val_per_class, root, req.download, cache)
     check_class_names(data.class_names)
     checksum = data.checksum()
@@ -342,6 +345,17 @@ def progress_printer(label: str, enabled: bool):
     return update, bar.close
 
 
+def save_model(model: torch.nn.Module, job: Job, data: LTData, ddata: DeviceData, folder: Path) -> Path:
+    """The run's final model as evaluated (stage 2 and the post-hoc head included), on the CPU,
+    with what it takes to use it: `torch.load(path, weights_only=False)` (a pickle of harness
+    classes: load only files you trust) gives {"model", "run_id", "config", "class_names",
+    "inputs"}; the model's logits are for images normalised as `inputs` says."""
+    path = (folder / f"{job.run_id}.pt").resolve()
+    save_atomic(path, {"model": model.to("cpu").eval(), "run_id": job.run_id, "config": job.cfg.to_dict(),
+                       "class_names": list(data.class_names), "inputs": ddata.inputs()})
+    return path
+
+
 def finish(job: Job, data: LTData, ddata: DeviceData, store: Store | None, cache: Path,
            req: RunRequest) -> RunResult:
     """Stage 2, post-hoc step, evaluation and the one-transaction write of one job."""
@@ -383,6 +397,8 @@ def finish(job: Job, data: LTData, ddata: DeviceData, store: Store | None, cache
     own_seconds = time.perf_counter() - start + (0.0 if job.cached else ctx.extra["stage1_seconds"])
     if store is None:  # a torchrun process other than rank 0
         return RunResult(job.run_id, cfg, {}, ctx.extra, job.cached)
+    if req.save_model is not None:   # written before the row completes: a completed run has its file
+        ctx.extra["model_file"] = str(save_model(model, job, data, ddata, Path(req.save_model)))
     store.close_interrupted(cfg.config_hash(), job.run_id,
                             resumed="stage1_resumed_from_epoch" in ctx.extra or "stage2_resumed_from_epoch" in ctx.extra)
     store.complete_run(job.run_id, metrics=metrics, class_metrics=class_rows, curves=ctx.curves, extra=ctx.extra,

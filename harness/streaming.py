@@ -284,6 +284,12 @@ class StreamData:
     def n_train(self) -> int:
         return len(self.data.train)
 
+    def inputs(self) -> dict:
+        """How a test image becomes the model's input (a saved model's users need it)."""
+        return {"mean": list(self.mean), "std": list(self.std),
+                "pixels": f"RGB, Resize({self.spec.resize}), CenterCrop({self.spec.size}), x / 255, "
+                          "then (x - mean) / std per channel"}
+
     def labels(self, split: str) -> torch.Tensor:
         return {"train": self.train_y, "val": self.val_y, "test": self.test_y}[split]
 

@@ -207,7 +207,7 @@ def objective(req: TuneRequest, space: list[Dimension], name: str):
             if trial.should_prune():
                 raise TrialPruned(f"val top-1 {val_top1:.2f} after epoch {epoch + 1} is below the median "
                                   "of the earlier trials there")
-        run = replace(req.run, seeds=req.run.seeds[:1], overrides=params, study=name, progress=False,
+        run = replace(req.run, seeds=req.run.seeds[:1], overrides=params, study=name, progress=False, save_model=None,
                       extra={"trial": {"number": trial.number, "params": params}},
                       on_epoch=on_epoch if req.prune else None)
         [result] = execute(run)

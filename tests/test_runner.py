@@ -334,3 +334,37 @@ def test_running_out_of_gpu_memory_is_one_line_naming_the_fixes(synth, monkeypat
                             "GPUs with torchrun") and "\n" not in message
     rows = Store(synth).list_runs()
     assert [r.status for r in rows] == ["failed", "failed"] and {r.error for r in rows} == {message}
+
+
+@pytest.mark.parametrize("method", ["crt", "la_posthoc", "ncm"])   # a stage-2 head, a shifted head, class means
+def test_a_saved_model_predicts_what_the_run_stored_from_the_inputs_it_names(synth, tmp_path, method):
+    from tests.synthetic import SYNTH_LT
+
+    [res] = run(method, synth, save_model=str(tmp_path / "models"))
+    stored = Store(synth).get_run(res.run_id)
+    path = Path(stored.extra["model_file"])
+    assert path == (tmp_path / "models" / f"{res.run_id}.pt").resolve()
+    saved = torch.load(path, weights_only=False)
+    assert saved["run_id"] == res.run_id and saved["config"] == stored.config
+    assert saved["class_names"] == [f"c{i}" for i in range(6)]
+    mean, std = torch.tensor(saved["inputs"]["mean"]), torch.tensor(saved["inputs"]["std"])
+    data = SYNTH_LT.build(100.0, "ldam", stored.config["val_per_class"], None)
+    x = (data.test_x.float() / 255 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    with torch.no_grad():
+        predicted = saved["model"](x).argmax(1)
+    accuracy = [100.0 * (predicted[data.test_y == c] == c).float().mean().item() for c in range(6)]
+    assert accuracy == pytest.approx([c.accuracy for c in sorted(stored.class_metrics, key=lambda c: c.class_index)])
+
+
+def test_a_model_folder_that_cannot_be_one_is_refused_before_a_row_is_written(synth, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(HarnessError, match=r"model folder .*a-file/models cannot be used .*; pass another --save-model"):
+        run("ce", synth, save_model=str(blocker / "models"))
+    assert Store(synth).list_runs() == []
+
+
+def test_without_save_model_no_model_is_kept(synth, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    [res] = run("ce", synth)
+    assert "model_file" not in Store(synth).get_run(res.run_id).extra and not list(tmp_path.rglob(f"{res.run_id}*"))

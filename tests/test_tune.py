@@ -381,3 +381,11 @@ def test_a_study_tuned_on_another_store_and_merged_goes_on_from_its_trials(synth
     assert len(runs) == 3 and again["n_trials"] == 3   # one trained here, the merged two not again
     merged_ids = {r.id for r in trial_runs(remote, first["study"])}
     assert {t.user_attrs.get("run_id") for t in added_back(synth, again["study"])} == merged_ids
+
+
+def test_tuned_runs_keep_their_models_and_trials_do_not(synth, tmp_path):
+    from dataclasses import replace as with_
+
+    req = request(synth, trials=2)
+    result = tune(with_(req, run=with_(req.run, save_model=str(tmp_path / "models"))), report=lambda line: None)
+    assert sorted(p.stem for p in (tmp_path / "models").iterdir()) == sorted(result["runs"])
