@@ -281,3 +281,21 @@ def test_tuning_without_a_validation_split_at_the_natural_ratio_is_refused_befor
     with pytest.raises(HarnessError, match=r"validation split, and Image folder \(LT\) at --rho natural has none"):
         tune(req, report=lambda line: None)
     assert not (tmp_path / "results.db").exists()
+
+
+def test_a_saved_folder_lt_model_names_the_resizing_its_inputs_take(large, tmp_path):
+    from harness.streaming import transforms_for
+
+    root = folder_tree(tmp_path / "folder", [30, 20, 30])
+    [res] = execute(RunRequest(method="crt", dataset="folder-lt", rho="natural", data_root=str(root), device="cpu",
+                               progress=False, save_model=str(tmp_path / "models")))
+    saved = torch.load(tmp_path / "models" / f"{res.run_id}.pt", weights_only=False)
+    inputs = saved["inputs"]
+    assert (inputs["mean"], inputs["std"]) == (list(FOLDER_LT.mean), list(FOLDER_LT.std))
+    assert f"Resize({FOLDER_LT.resize}), CenterCrop({FOLDER_LT.size})" in inputs["pixels"]
+    to_input = transforms_for(FOLDER_LT, False, mean=inputs["mean"], std=inputs["std"])
+    with torch.no_grad():
+        predicted = {c: [saved["model"](to_input(Image.open(root / f"test/class{c}/{i}.jpg").convert("RGB"))[None])
+                         .argmax(1).item() for i in range(2)] for c in range(3)}
+    stored = sorted(Store(large[1]).get_run(res.run_id).class_metrics, key=lambda c: c.class_index)
+    assert [50.0 * sum(p == c for p in predicted[c]) for c in range(3)] == [c.accuracy for c in stored]
