@@ -148,8 +148,8 @@ def sweep(benchmarks, methods, datasets, rhos, seeds, preset, epochs, jobs, exec
     seed_list = list(dict.fromkeys(seeds)) or [0]
     base = RunRequest(method="", dataset="", rho=1.0, preset=preset, epochs=epochs, device=device,
                       data_root=data_root, download=download, db=db, cache_dir=cache_dir, save_model=save_model,
-                      benchmarks=benchmarks, generator=generator, backbone=backbone, val_per_class=val_per_class, precision=precision,
-                      progress=not no_progress and jobs == 1 and executor == "local")
+                      benchmarks=benchmarks, generator=generator, backbone=backbone, val_per_class=val_per_class,
+                      precision=precision, progress=not no_progress and jobs == 1 and executor == "local")
     planned = plan(base, listed(methods), listed(datasets), list(dict.fromkeys(map(parse_rho, listed(rhos)))),
                    seed_list)
     rows = [[p.request.method, p.request.dataset, str(p.request.rho).removesuffix(".0"), " ".join(map(str, p.request.seeds)) or "—",
@@ -362,6 +362,11 @@ def show(run_id: str, db: str | None, as_json: bool) -> None:
     if as_json:
         head["config"] = r.config
         head["metrics"] = [{"split": m.split, "group": m.group, "top1": m.top1, "error": m.error} for m in r.metrics]
+        head["classes"] = [{"index": c.class_index, "name": c.class_name, "train_count": c.train_count,
+                            "test_accuracy": c.accuracy, "weight_norm": c.weight_norm}
+                           for c in sorted(r.class_metrics, key=lambda c: c.class_index)]
+        head["curves"] = [{"kind": c.kind, "x": c.x, "split": c.split, "group": c.group, "value": c.value}
+                          for c in sorted(r.curves, key=lambda c: c.id)]
         click.echo(json.dumps(head, indent=2, default=str))
         return
     head["status"] = status_of(r)   # for people; the JSON keeps the stored value

@@ -18,8 +18,8 @@ import torch
 
 from harness import HarnessError
 from harness.augment import augmentation_transforms
-from harness.checkpoints import (cache_root, check_cache_root, check_folder, drop_epoch_checkpoint, epoch_checkpoint_path,
-                                 load_checkpoint, save_atomic, stage1_key, stage1_path)
+from harness.checkpoints import (cache_root, check_cache_root, check_folder, drop_epoch_checkpoint,
+                                 epoch_checkpoint_path, load_checkpoint, save_atomic, stage1_key, stage1_path)
 from harness.config import RunConfig, has_key, load_benchmarks, resolve, with_overrides
 from harness.data import LTData, group_accuracies, per_class_accuracy, shot_group
 from harness.distributed import announce, init_from_env, is_main, world

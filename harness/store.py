@@ -275,8 +275,8 @@ class Store:
         Running rows stay behind: they are live, or dead and to be rerun, and a finished row
         never changes again, so what is copied is whole. Tuning trials come along (a tuned board
         plots them); Optuna's own study tables do not, and need not: a study resumed here takes
-        its complete trials back from their rows (tune.reclaim_orphans). Returns the counts: copied, already here,
-        running left behind."""
+        its complete trials back from their rows (tune.reclaim_orphans). Returns the counts:
+        copied, already here, running left behind."""
         if self.same_database(source):
             raise HarnessError(f"{source.url} is the store being merged into; name another with --db")
         with source.session() as s:

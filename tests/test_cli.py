@@ -1,4 +1,5 @@
 """The command line as a user meets it: subprocesses, real exit codes, real stores."""
+import json
 import os
 import sqlite3
 import subprocess
@@ -7,6 +8,7 @@ import textwrap
 
 import pytest
 
+from harness.store import Store
 from tests.synthetic import BENCHMARKS_YAML
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -171,6 +173,14 @@ def test_run_list_show_roundtrip(tmp_path, env):
     assert "| test    | few     |" in shown.stdout and "c5" in shown.stdout
     missing = harness("show", "doesnotexist", env=env)
     assert missing.returncode == 2 and "no run 'doesnotexist'" in missing.stderr
+    # --json, for scripts: everything the run holds, per-class rows and curves included
+    as_json = json.loads(harness("show", run_id, "--json", env=env).stdout)
+    stored = Store(env["HARNESS_DB"]).get_run(run_id)
+    assert as_json["id"] == run_id and as_json["config"] == stored.config
+    assert [(c["name"], c["train_count"], c["test_accuracy"]) for c in as_json["classes"]] == \
+        [(c.class_name, c.train_count, c.accuracy) for c in sorted(stored.class_metrics, key=lambda c: c.class_index)]
+    losses = [c["value"] for c in as_json["curves"] if c["kind"] == "train_loss" and c["split"] == "stage1"]
+    assert len(losses) == stored.config["recipe"]["stage1"]["epochs"] and all(v > 0 for v in losses)
 
 
 def test_db_merge_command(tmp_path, env):
