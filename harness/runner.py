@@ -139,6 +139,8 @@ def execute(req: RunRequest) -> list[RunResult]:
         raise HarnessError(f"data root {root} is not a directory; pass --data-root DIR or set HARNESS_DATA_ROOT")
     cache = check_cache_root(cache_root(req.cache_dir))
     if req.save_model is not None:
+        if not str(req.save_model).strip():   # an unset variable in a script, not the current folder
+            raise HarnessError("--save-model needs a folder, got an empty path; pass --save-model DIR")
         check_folder(Path(req.save_model), "model folder", "pass another --save-model DIR")
     data = spec.build(cfg0.rho, cfg0.generator, cfg0.val_per_class, root, req.download, cache)
     check_class_names(data.class_names)

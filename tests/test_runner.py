@@ -361,6 +361,8 @@ def test_a_model_folder_that_cannot_be_one_is_refused_before_a_row_is_written(sy
     blocker.write_text("")
     with pytest.raises(HarnessError, match=r"model folder .*a-file/models cannot be used .*; pass another --save-model"):
         run("ce", synth, save_model=str(blocker / "models"))
+    with pytest.raises(HarnessError, match=r"--save-model needs a folder, got an empty path"):
+        run("ce", synth, save_model="")
     assert Store(synth).list_runs() == []
 
 
