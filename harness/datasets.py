@@ -245,7 +245,10 @@ def load_cifar(spec: DatasetSpec, root: Path | None, download: bool, cache: Path
         train = cls(str(root), train=True, download=download)
         test = cls(str(root), train=False, download=False)
     except Exception as exc:  # torchvision raises RuntimeError/URLError/UnpicklingError
-        raise HarnessError(f"cannot read {spec.title} under {root}: {type(exc).__name__}: {exc}") from exc
+        # torchvision extracts an archive it finds in the root instead of fetching it
+        offline = f"; without a network, copy {cls.filename} ({cls.url}) into {root} and run again" \
+            if download and isinstance(exc, OSError) else ""
+        raise HarnessError(f"cannot read {spec.title} under {root}: {type(exc).__name__}: {exc}{offline}") from exc
 
     def to_tensor(arr: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()

@@ -135,8 +135,11 @@ def execute(req: RunRequest) -> list[RunResult]:
     rank, world_size = world()
     _, spec, cfg0 = prepared[0]
     root = Path(req.data_root) if req.data_root else None
-    if root is not None and not root.is_dir():
-        raise HarnessError(f"data root {root} is not a directory; pass --data-root DIR or set HARNESS_DATA_ROOT")
+    # a data root still to be made is torchvision's to make when it downloads there
+    if root is not None and not root.is_dir() and not (req.download and not root.exists()):
+        fix = "pass --data-root DIR or set HARNESS_DATA_ROOT" if root.exists() else \
+            "pass --data-root DIR or set HARNESS_DATA_ROOT, or add --download to fetch the data there"
+        raise HarnessError(f"data root {root} is not a directory; {fix}")
     cache = check_cache_root(cache_root(req.cache_dir))
     if req.save_model is not None:
         if not str(req.save_model).strip():   # an unset variable in a script, not the current folder

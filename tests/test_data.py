@@ -183,3 +183,20 @@ def test_a_truncated_jpeg_is_a_one_line_error_naming_the_file(tmp_path):
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(HarnessError, match=r"cannot decode image .*0\.jpg"):
         load_image_folder(tmp_path, channels=3)
+
+
+def test_a_cifar_download_that_finds_no_network_names_the_archive_to_copy_in(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision.datasets
+
+    from harness.datasets import CIFAR10_LT, load_cifar
+
+    class Offline(torchvision.datasets.CIFAR10):
+        def __init__(self, root, train=True, download=False):
+            raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
+    with pytest.raises(HarnessError, match=r"URLError.*; without a network, copy cifar-10-python.tar.gz "
+                                           r"\(https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz\) into "):
+        load_cifar(CIFAR10_LT, tmp_path, download=True)

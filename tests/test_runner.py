@@ -370,3 +370,26 @@ def test_without_save_model_no_model_is_kept(synth, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     [res] = run("ce", synth)
     assert "model_file" not in Store(synth).get_run(res.run_id).extra and not list(tmp_path.rglob(f"{res.run_id}*"))
+
+
+def test_download_into_a_data_root_still_to_be_made_is_left_to_the_loader(synth, tmp_path, monkeypatch):
+    """torchvision makes the folder it downloads into: `--download --data-root new/` must reach it."""
+    from dataclasses import replace
+
+    from harness.registry import DATASETS
+    from tests.synthetic import SYNTH_LT, synth_loader
+
+    asked = []
+
+    def loader(spec, root, download, cache=None):
+        asked.append((root, download))
+        return synth_loader(spec, root, download, cache)
+
+    DATASETS.unregister("synth-lt")
+    DATASETS.register("synth-lt", replace(SYNTH_LT, loader=loader))
+    new = tmp_path / "new" / "data"
+    with pytest.raises(HarnessError, match=r"data root .*new/data is not a directory; .*or add --download"):
+        run("ce", synth, data_root=str(new))
+    assert asked == []
+    [res] = run("ce", synth, data_root=str(new), download=True)
+    assert asked == [(new, True)] and Store(synth).get_run(res.run_id).status == "completed"
