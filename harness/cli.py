@@ -270,6 +270,9 @@ def delete_(run_ids, url, running, yes) -> None:
             click.confirm(f"Delete these {len(runs)} runs from {store.url}?", abort=True)
         deleted = store.delete_runs(list(run_ids), running=running)
     click.echo(f"{store.url}: {len(deleted)} runs deleted")
+    models = [r.extra["model_file"] for r in deleted if "model_file" in (r.extra or {})]
+    if models:   # files the user asked for, outside the store: theirs to remove
+        click.echo(f"their saved models stay where --save-model put them: {' '.join(models)}")
 
 
 @cli.command(name="list")

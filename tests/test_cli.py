@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from harness.store import Store
+from harness.store import Run, Store
 from tests.synthetic import BENCHMARKS_YAML
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -214,6 +214,11 @@ def test_db_delete_asks_first_and_deletes_what_list_runs_names(tmp_path, env):
     refused = harness("db", "delete", "--yes", "done", "live", env=env)
     assert refused.returncode == 2 and "live is running" in refused.stderr
     assert harness("list", "runs", "--names", env=env).stdout.split() == ["done", "live"]
+    with Store(env["HARNESS_DB"]).session() as s, s.begin():   # as `harness run --save-model` leaves it
+        run = s.get(Run, "done")
+        run.extra = {**run.extra, "model_file": "/models/done.pt"}
+    out = harness("db", "delete", "--yes", "done", env=env)
+    assert out.stdout.splitlines()[-1] == "their saved models stay where --save-model put them: /models/done.pt"
 
 
 def test_list_runs_filters_and_names(tmp_path, env):
