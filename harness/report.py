@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -611,8 +612,31 @@ def render_csv(boards: list[Board]) -> str:
     return board_frame(boards).to_csv(index=False)
 
 
+# pdflatex's UTF-8 input knows accented Latin letters and the middle dot, not Greek letters or
+# these: without them a table with "τ chosen on test" does not compile
+LATEX_SYMBOLS = {"±": r"$\pm$", "−": "$-$", "×": r"$\times$", "≤": r"$\leq$", "≥": r"$\geq$", "→": r"$\to$",
+                 "–": "--", "—": "---"}
+GREEK_CAPITALS = {"Gamma", "Delta", "Theta", "Lambda", "Xi", "Pi", "Sigma", "Upsilon", "Phi", "Psi", "Omega"}
+
+
+def latex_symbol(ch: str) -> str:
+    """A character pdflatex cannot take as it is, as LaTeX; any other as it is."""
+    if ch in LATEX_SYMBOLS:
+        return LATEX_SYMBOLS[ch]
+    name = unicodedata.name(ch, "").replace("LAMDA", "LAMBDA").replace("FINAL ", "")   # Unicode's λ, ς
+    kind, _, letter = name.removeprefix("GREEK ").partition(" LETTER ")
+    if not name.startswith("GREEK ") or not letter.isalpha():   # a letter with an accent is not one of these
+        return ch
+    if kind == "SMALL" and letter != "OMICRON":
+        return f"$\\{letter.lower()}$"
+    if kind == "CAPITAL" and letter.capitalize() in GREEK_CAPITALS:
+        return f"$\\{letter.capitalize()}$"
+    return ch
+
+
 def latex_escape(text: str) -> str:
-    return re.sub(r"([&%$#_{}])", r"\\\1", str(text)).replace("~", r"\textasciitilde{}").replace("^", r"\^{}")
+    text = re.sub(r"([&%$#_{}])", r"\\\1", str(text)).replace("~", r"\textasciitilde{}").replace("^", r"\^{}")
+    return "".join(latex_symbol(ch) if ord(ch) > 127 else ch for ch in text)
 
 
 def render_latex(boards: list[Board]) -> str:

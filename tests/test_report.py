@@ -291,6 +291,8 @@ def test_latex_escapes(boards):
     tex = rep.render_latex(boards[0])
     assert "\\begin{tabular}" in tex and "89.00 $\\pm$ 1.00" in tex
     assert rep.latex_escape("tau_norm & 5% ~x^2") == "tau\\_norm \\& 5\\% \\textasciitilde{}x\\^{}2"
+    assert rep.latex_escape("γ = 1, β 0.9999, λ ± 0.5 − Δ — é") == \
+        "$\\gamma$ = 1, $\\beta$ 0.9999, $\\lambda$ $\\pm$ 0.5 $-$ $\\Delta$ --- é"
 
 
 def test_latex_note_marks_run_past_z():
@@ -530,7 +532,9 @@ def test_a_tau_chosen_on_test_is_its_own_row_and_named_on_every_output(store_url
     store.delete_runs(["val", "ce"])
     [board] = rep.build_boards(store, bench, plots=False)   # every row's τ on test: still named
     assert rep.setup_cells(board) == ["resnet32 · τ chosen on test"]
-    assert "resnet32 · τ chosen on test" in rep.render_latex([board])
+    tex = rep.render_latex([board])
+    # pdflatex takes the middle dot as it is, not Greek: "Unicode character τ not set up for use with LaTeX"
+    assert "resnet32 · $\\tau$ chosen on test" in tex and {ch for ch in tex if ord(ch) > 127} <= {"·"}
     assert rep.method_results([board])["tau_norm"][0]["model"] == "tau_norm (resnet32 · τ chosen on test, preset paper, n=1)"
     [pwc] = json.loads(rep.render_pwc_json([board]))[0]["datasets"][0]["sota"]["rows"]
     assert pwc["model_name"] == "tau_norm"   # one setup of the method: named by the board's row
