@@ -3,7 +3,9 @@ protocol, escaping, empty groups, tuning studies, the plot cache."""
 import csv
 import io
 import json
+import shutil
 import statistics
+import subprocess
 
 import numpy as np
 import pandas as pd
@@ -293,6 +295,18 @@ def test_latex_escapes(boards):
     assert rep.latex_escape("tau_norm & 5% ~x^2") == "tau\\_norm \\& 5\\% \\textasciitilde{}x\\^{}2"
     assert rep.latex_escape("γ = 1, β 0.9999, λ ± 0.5 − Δ — é") == \
         "$\\gamma$ = 1, $\\beta$ 0.9999, $\\lambda$ $\\pm$ 0.5 $-$ $\\Delta$ --- é"
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="needs pdflatex (Debian: texlive-latex-recommended)")
+def test_latex_boards_compile_under_pdflatex(boards, store_url, tmp_path):
+    store = Store(store_url)   # a τ chosen on test is named in the Setup: Greek, for pdflatex
+    add_run(store, "oracle", "tau_norm", 0, 86.0, extra={"tau_selected_on": "test"})
+    (tmp_path / "boards.tex").write_text(rep.render_latex(boards[0]) + rep.render_latex(rep.build_boards(store, None)))
+    (tmp_path / "doc.tex").write_text("\\documentclass{article}\\usepackage{booktabs}\\usepackage[landscape]{geometry}"
+                                      "\\begin{document}\\input{boards}\\end{document}\n")
+    made = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, [line for line in made.stdout.splitlines() if line.startswith("!")]
 
 
 def test_latex_note_marks_run_past_z():
