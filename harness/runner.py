@@ -137,9 +137,9 @@ def execute(req: RunRequest) -> list[RunResult]:
     root = Path(req.data_root) if req.data_root else None
     # a data root still to be made is torchvision's to make when it downloads there
     if root is not None and not root.is_dir() and not (req.download and not root.exists()):
-        fix = "pass --data-root DIR or set HARNESS_DATA_ROOT" if root.exists() else \
-            "pass --data-root DIR or set HARNESS_DATA_ROOT, or add --download to fetch the data there"
-        raise HarnessError(f"data root {root} is not a directory; {fix}")
+        download = "" if root.exists() else ", or add --download to fetch the data there"
+        raise HarnessError(f"data root {root} is not a directory; pass --data-root DIR or set HARNESS_DATA_ROOT"
+                           f"{download}")
     cache = check_cache_root(cache_root(req.cache_dir))
     if req.save_model is not None:
         if not str(req.save_model).strip():   # an unset variable in a script, not the current folder
@@ -350,7 +350,7 @@ def progress_printer(label: str, enabled: bool):
     return update, bar.close
 
 
-def save_model(model: torch.nn.Module, job: Job, data: LTData, ddata: DeviceData, folder: Path) -> Path:
+def write_model(model: torch.nn.Module, job: Job, data: LTData, ddata: DeviceData, folder: Path) -> Path:
     """The run's final model as evaluated (stage 2 and the post-hoc head included), on the CPU,
     with what it takes to use it: `torch.load(path, weights_only=False)` (a pickle of harness
     classes: load only files you trust) gives {"model", "run_id", "config", "class_names",
@@ -403,7 +403,7 @@ def finish(job: Job, data: LTData, ddata: DeviceData, store: Store | None, cache
     if store is None:  # a torchrun process other than rank 0
         return RunResult(job.run_id, cfg, {}, ctx.extra, job.cached)
     if req.save_model is not None:   # written before the row completes: a completed run has its file
-        ctx.extra["model_file"] = str(save_model(model, job, data, ddata, Path(req.save_model)))
+        ctx.extra["model_file"] = str(write_model(model, job, data, ddata, Path(req.save_model)))
     store.close_interrupted(cfg.config_hash(), job.run_id,
                             resumed="stage1_resumed_from_epoch" in ctx.extra or "stage2_resumed_from_epoch" in ctx.extra)
     store.complete_run(job.run_id, metrics=metrics, class_metrics=class_rows, curves=ctx.curves, extra=ctx.extra,
