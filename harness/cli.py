@@ -384,33 +384,41 @@ def show(run_id: str, db: str | None, as_json: bool) -> None:
                         headers=["class", "name", "train", "test acc", "||w||"], tablefmt="github", disable_numparse=True))
 
 
-@cli.command()
+@cli.command(cls=GreedyCommand)
 @click.option("--db", envvar="HARNESS_DB", help="SQLAlchemy URL of the results store.")
+@click.option("--datasets", "--dataset", "datasets", multiple=True,
+              help="Only these datasets' boards [all]: --dataset cifar10-lt fmnist-lt (or a,b).")
+@click.option("--rho", "rhos", multiple=True, help="Only boards of these ratios, as the boards show them [all]: --rho 100 10.")
+@click.option("--presets", "--preset", "presets", multiple=True, help="Only these presets' boards [all]: --preset paper.")
 @click.option("--format", "fmt_", default="site", show_default=True,
               type=click.Choice(["site", "html", "markdown", "table", "csv", "latex", "pwc-json"]),
               help="site = HTML + Markdown under --out; table/csv/latex/pwc-json print to stdout or --file.")
 @click.option("--out", default="reports", show_default=True, help="Folder for HTML and Markdown.")
 @click.option("--file", "file_", help="Write csv/latex/pwc-json/table output here instead of stdout.")
 @click.option("--benchmarks", envvar="HARNESS_BENCHMARKS", help="benchmarks.yaml with the paper references.")
-def report(db, fmt_, out, file_, benchmarks) -> None:
-    """Render leaderboards from the results store."""
+def report(db, datasets, rhos, presets, fmt_, out, file_, benchmarks) -> None:
+    """Render leaderboards from the results store (all of them, or those selected)."""
     from pathlib import Path
 
     from harness import report as rep
     from harness.store import Store
 
+    ratios = [parse_rho(r) for r in listed(rhos)]
+    if "natural" in ratios:
+        raise HarnessError("a board is named by the ratio its runs had; pass it as the board shows it, e.g. --rho 256")
+    only = rep.Selection(tuple(listed(datasets)), tuple(ratios), tuple(listed(presets)))
     target = Path(out) if fmt_ in ("site", "html", "markdown") else Path(file_) if file_ else None
     with Store(db, create=False) as store:   # a missing store is refused before --out is made
         if target is not None:
             check_writable(target, folder=fmt_ in ("site", "html", "markdown"))
-        boards = rep.build_boards(store, benchmarks, plots=fmt_ in ("site", "html"))
+        boards = rep.build_boards(store, benchmarks, plots=fmt_ in ("site", "html"), only=only)
     if fmt_ in ("site", "html", "markdown"):
-        written = []
-        if fmt_ in ("site", "html"):
-            written += rep.render_html(boards, Path(out))
-        if fmt_ in ("site", "markdown"):
-            written += rep.render_markdown(boards, Path(out))
-        click.echo(f"{len(boards)} boards, {len(written)} files under {out}/ (open {out}/index.html)")
+        written, removed = rep.render_site(boards, Path(out), html=fmt_ in ("site", "html"),
+                                           markdown=fmt_ in ("site", "markdown"))
+        gone = f"; removed {len(removed)} pages of boards or methods no longer shown" if removed else ""
+        front = "index.html" if fmt_ != "markdown" else "README.md"
+        click.echo(f"{len(boards)} board{'s' * (len(boards) != 1)}, {len(written)} files under {out}/{gone} "
+                   f"(open {out}/{front})")
         return
     text = {"table": rep.render_terminal, "csv": rep.render_csv, "latex": rep.render_latex,
             "pwc-json": rep.render_pwc_json}[fmt_](boards)

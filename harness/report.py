@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import and_, case, func, or_, select
+from sqlalchemy import and_, case, func, or_, select, true
 from tabulate import tabulate
 
 from harness import HarnessError
@@ -41,9 +41,33 @@ PLOT_ORDER = (PER_CLASS, WEIGHT_NORMS, TAU_SWEEP, TUNING)
 
 # ---------------------------------------------------------------- loading
 
-def counted_runs():
+@dataclass(frozen=True)
+class Selection:
+    """The boards to render (`harness report --dataset/--rho/--preset`); an empty field keeps all."""
+    datasets: tuple[str, ...] = ()
+    rhos: tuple[float, ...] = ()
+    presets: tuple[str, ...] = ()
+
+    def where(self):
+        """The runs of the selected boards, as an SQL condition. A ratio matches as the boards
+        print it (six significant digits), so a dataset's natural ratio is found by what is shown."""
+        return and_(Run.dataset.in_(self.datasets) if self.datasets else true(),
+                    or_(*(Run.rho.between(r * (1 - 1e-5), r * (1 + 1e-5)) for r in self.rhos))
+                    if self.rhos else true(),
+                    Run.preset.in_(self.presets) if self.presets else true())
+
+    def __str__(self) -> str:
+        return " ".join([*(f"--dataset {d}" for d in self.datasets), *(f"--rho {r:g}" for r in self.rhos),
+                         *(f"--preset {p}" for p in self.presets)])
+
+
+EVERY_BOARD = Selection()
+
+
+def counted_runs(only: Selection = EVERY_BOARD):
     """The runs the boards count, as a subquery of their ids, board keys and setups: completed,
-    no trials, and of a seed run again on one setup (a fixed recipe, a rerun) only its latest.
+    no trials, of the selected boards, and of a seed run again on one setup (a fixed recipe, a
+    rerun) only its latest.
     The tables, the per-class plots and the τ sweep all read these, so a plot never averages in
     a superseded run or another setup's. Recipe fields come out of the stored config by SQL JSON
     paths, which SQLite, PostgreSQL and MySQL all evaluate; a run that recorded no augmentation
@@ -62,14 +86,14 @@ def counted_runs():
     runs = select(Run.id, Run.dataset, Run.rho, Run.preset, Run.method, Run.backbone, Run.generator,
                   epochs.label("epochs"), augmentation.label("augmentation"), recipe.label("recipe"),
                   precision.label("precision"), tau_chosen_on.label("tau_chosen_on"),
-                  newest_first.label("newest_first")).where(RANKED).subquery()
+                  newest_first.label("newest_first")).where(RANKED, only.where()).subquery()
     return select(runs).where(runs.c.newest_first == 1).subquery("counted")
 
 
-def load_results(store: Store) -> pd.DataFrame:
+def load_results(store: Store, only: Selection = EVERY_BOARD) -> pd.DataFrame:
     """One row per counted run: its setup, test top-1 per shot group (top1_all ... top1_few) and
     compute, in one query."""
-    counted = counted_runs()
+    counted = counted_runs(only)
     top1 = [func.max(case((Metric.group == g, Metric.top1))).label(f"top1_{g}") for g in GROUPS]
     query = (select(Run.id, Run.method, Run.dataset, Run.rho, Run.backbone, Run.generator, Run.seed, Run.preset,
                     Run.finished_at, Run.wall_seconds, Run.device, Run.git_commit, Run.stage1_cached,
@@ -93,10 +117,10 @@ def load_results(store: Store) -> pd.DataFrame:
     return df.sort_values("finished_at", kind="stable").reset_index(drop=True)
 
 
-def load_class_means(store: Store) -> pd.DataFrame:
+def load_class_means(store: Store, only: Selection = EVERY_BOARD) -> pd.DataFrame:
     """Per board, method, setup and class: the training count and, averaged in SQL over the
     counted runs' seeds, test accuracy and classifier weight norm."""
-    counted = counted_runs()
+    counted = counted_runs(only)
     keys = (*(counted.c[k] for k in BOARD_KEY + ROW_KEY), ClassMetric.class_index)
     query = (select(*keys, func.min(ClassMetric.train_count).label("train_count"),
                     func.avg(ClassMetric.accuracy).label("accuracy"),
@@ -106,9 +130,9 @@ def load_class_means(store: Store) -> pd.DataFrame:
         return pd.read_sql(query, con)
 
 
-def load_tau_sweeps(store: Store) -> pd.DataFrame:
+def load_tau_sweeps(store: Store, only: Selection = EVERY_BOARD) -> pd.DataFrame:
     """Per board and setup, the τ sweep (split, group, τ -> accuracy) averaged over its counted runs."""
-    counted = counted_runs()
+    counted = counted_runs(only)
     keys = (*(counted.c[k] for k in BOARD_KEY + ROW_KEY), CurvePoint.split, CurvePoint.group, CurvePoint.x)
     query = (select(*keys, func.avg(CurvePoint.value).label("value"))
              .join(counted, counted.c.id == CurvePoint.run_id).where(CurvePoint.kind == "tau_sweep")
@@ -130,11 +154,11 @@ class Study:
     trials: pd.DataFrame        # number, objective: its completed trials in the store
 
 
-def load_studies(store: Store) -> dict[tuple, list[Study]]:
+def load_studies(store: Store, only: Selection = EVERY_BOARD) -> dict[tuple, list[Study]]:
     """Per tuned board, the studies its counted runs name in extra["tuning"] (a study whose
     chosen setting was retrained again after another search is not behind the board), each with
     its trials' objective (validation top-1) by trial number (extra["trial"]["number"])."""
-    counted = counted_runs()
+    counted = counted_runs(only)
     with store.engine.connect() as con:
         tuned = pd.read_sql(select(Run.dataset, Run.rho, Run.preset, Run.method, Run.extra["tuning"].label("tuning"))
                             .join(counted, counted.c.id == Run.id).where(TUNED_PRESETS).order_by(Run.method), con)
@@ -193,20 +217,32 @@ def slugify(text: str) -> str:
 
 
 def build_boards(store: Store, benchmarks: str | None = None, plots: bool = True,
-                 plot_cache: Path | None = None) -> list[Board]:
-    """Load and rank the boards while worker processes draw the plots that are not cached
-    under `plot_cache` (default: the harness cache)."""
+                 plot_cache: Path | None = None, only: Selection = EVERY_BOARD) -> list[Board]:
+    """Load and rank the selected boards while worker processes draw the plots that are not
+    cached under `plot_cache` (default: the harness cache). An empty store has no boards; a
+    selection that matches none of a store's is refused, naming the boards there are."""
     doc = load_benchmarks(benchmarks)
-    results = load_results(store)
+    results = load_results(store, only)
     if results.empty:
+        if only != EVERY_BOARD:
+            check_selection(store, only)
         return []
-    studies = load_studies(store)
-    rendering = start_plots(store, studies, PlotCache(plot_cache or default_cache())) if plots else None
+    studies = load_studies(store, only)
+    rendering = start_plots(store, studies, PlotCache(plot_cache or default_cache()), only) if plots else None
     boards = rank_boards(doc, results, studies)
     name_boards(boards, load_titles(store))
     if rendering:
         attach_plots(boards, rendering)
     return boards
+
+
+def check_selection(store: Store, only: Selection) -> None:
+    with store.engine.connect() as con:
+        boards = con.execute(select(Run.dataset, Run.rho, Run.preset).where(RANKED).distinct()
+                             .order_by(Run.dataset, Run.rho.desc(), Run.preset)).all()
+    if boards:
+        there = ", ".join(f"{dataset} ρ={rho:g} {preset}" for dataset, rho, preset in boards)
+        raise HarnessError(f"no board matches {only}; pass one of the store's: {there}")
 
 
 def rank_boards(doc: dict, results: pd.DataFrame, studies: dict[tuple, list[Study]]) -> list[Board]:
@@ -334,24 +370,25 @@ def compare_with_papers(rows: pd.DataFrame, refs: list[Reference], preset: str) 
 
 # ---------------------------------------------------------------- plots
 
-def start_plots(store: Store, studies: dict[tuple, list[Study]], cache: PlotCache) -> Rendering:
-    """Every board's plots, keyed (board key, plot name); those not cached start drawing now."""
+def start_plots(store: Store, studies: dict[tuple, list[Study]], cache: PlotCache,
+                only: Selection = EVERY_BOARD) -> Rendering:
+    """The selected boards' plots, keyed (board key, plot name); those not cached start drawing now."""
     jobs = {}
-    for key, g in load_class_means(store).groupby(BOARD_KEY, sort=False):
+    for key, g in load_class_means(store, only).groupby(BOARD_KEY, sort=False):
         g = g.assign(line=[f"{method} ({setup})" if setup else method
                            for method, setup in zip(g["method"], setup_names(g))])
         jobs[key, PER_CLASS] = PlotJob(PER_CLASS, g[["line", "train_count", "accuracy"]].reset_index(drop=True))
         jobs[key, WEIGHT_NORMS] = PlotJob(WEIGHT_NORMS,
                                           g[["line", "class_index", "train_count", "weight_norm"]]
                                           .reset_index(drop=True))
-    for key, g in load_tau_sweeps(store).groupby(BOARD_KEY, sort=False):
+    for key, g in load_tau_sweeps(store, only).groupby(BOARD_KEY, sort=False):
         g = g.assign(setup=setup_names(g))
         jobs[key, TAU_SWEEP] = PlotJob(TAU_SWEEP, g[["setup", "split", "group", "x", "value"]].reset_index(drop=True))
     for key, board_studies in studies.items():
         trials = pd.concat([s.trials.assign(study=s.name) for s in board_studies], ignore_index=True)
         if not trials.empty:
             jobs[key, TUNING] = PlotJob(TUNING, trials[["study", "number", "objective"]])
-    return Rendering(jobs, cache)
+    return Rendering(jobs, cache, prune=only == EVERY_BOARD)   # a selection keeps the other boards' plots
 
 
 def setup_names(rows: pd.DataFrame) -> list[str]:
@@ -708,6 +745,25 @@ def paper_reference(row: pd.Series) -> dict | None:
     delta = None if row["delta"] is None or pd.isna(row["delta"]) else round(float(row["delta"]), 2)
     return {"top1": row["paper"], "delta": delta, "source": row["paper_source"],
             "differs": [str(d) for d in row["paper_differs"]]}
+
+
+SITE_RECORD = ".harness-report"   # under --out: the files the reports wrote there, one name per line
+
+
+def render_site(boards: list[Board], out: Path, html: bool = True, markdown: bool = True) -> tuple[list[Path], list[Path]]:
+    """The HTML and/or Markdown pages under `out`: the files written, and those removed. A page
+    an earlier report wrote there of a kind rendered now, and this one did not write (a board
+    or method whose runs were deleted, or left out by a selection), is removed, so that it is not
+    published beside the boards, linked from nowhere. A file no report wrote is never touched."""
+    written = (render_html(boards, out) if html else []) + (render_markdown(boards, out) if markdown else [])
+    record = out / SITE_RECORD
+    before = set(record.read_text(encoding="utf-8").splitlines()) if record.exists() else set()
+    kinds = {suffix for suffix, rendered in ((".html", html), (".md", markdown)) if rendered}
+    stale = sorted(name for name in before - {p.name for p in written} if Path(name).suffix in kinds)
+    for name in stale:
+        (out / name).unlink(missing_ok=True)
+    write(record, "".join(f"{name}\n" for name in sorted(before - set(stale) | {p.name for p in written})))
+    return written, [out / name for name in stale]
 
 
 def write(path: Path, text: str) -> Path:

@@ -254,10 +254,11 @@ class PlotCache:
 
 class Rendering:
     """The PNGs of named plot jobs: cached ones at once, the others drawn by worker processes
-    while the caller goes on. `result()` waits for them, stores them and prunes the cache."""
+    while the caller goes on. `result()` waits for them, stores them and, when the jobs are a
+    whole report's (`prune`), forgets the cached plots they do not name."""
 
-    def __init__(self, jobs: dict, cache: PlotCache):
-        self.cache = cache
+    def __init__(self, jobs: dict, cache: PlotCache, prune: bool = True):
+        self.cache, self.prune = cache, prune
         self.keys = {name: job.key() for name, job in jobs.items()}
         found = {key: cache.get(key) for key in set(self.keys.values())}
         self.pngs = {key: png for key, png in found.items() if png is not None}
@@ -271,5 +272,6 @@ class Rendering:
             self.pngs[key] = future.result()
             self.cache.put(key, self.pngs[key])
         self.pool.shutdown()
-        self.cache.keep_only(set(self.keys.values()))
+        if self.prune:
+            self.cache.keep_only(set(self.keys.values()))
         return {name: self.pngs[key] for name, key in self.keys.items()}

@@ -232,3 +232,20 @@ def test_list_runs_filters_and_names(tmp_path, env):
     assert "82.46" in table and "broke" not in table
     refused = harness("list", "methods", "--status", "failed", env=env)
     assert refused.returncode == 2 and "harness list runs --method" in refused.stderr
+
+
+def test_report_renders_the_boards_asked_for_and_names_the_store_s_when_none_match(tmp_path, env):
+    from tests.test_store import finished_store
+
+    finished_store(env["HARNESS_DB"]).close()   # one board: synth-lt, ρ=100, quick
+    out = harness("report", "--format", "csv", "--dataset", "synth-lt", "--rho", "100", "--preset", "quick", env=env)
+    assert out.returncode == 0 and "synth-lt,100.0,quick,ce" in out.stdout, out.stderr
+    site = harness("report", "--out", str(tmp_path / "site"), "--preset", "quick", "paper", env=env)
+    assert site.returncode == 0 and site.stdout.startswith("1 board, ") and (tmp_path / "site" / "index.html").exists()
+    for args in (["--rho", "10"], ["--dataset", "synth-lt,cifar10-lt", "--preset", "paper"]):
+        none = harness("report", "--format", "table", *args, env=env)
+        assert none.returncode == 2 and none.stderr.count("\n") == 1 and none.stdout == ""
+        assert f"no board matches {' '.join(args).replace(',', ' --dataset ')}; pass one of the store's: " \
+               "synth-lt ρ=100 quick" in none.stderr
+    natural = harness("report", "--format", "table", "--rho", "natural", env=env)
+    assert natural.returncode == 2 and "e.g. --rho 256" in natural.stderr

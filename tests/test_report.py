@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from harness import HarnessError
 from harness import report as rep
 from harness.report_plots import PER_CLASS, TUNING, WEIGHT_NORMS
 from harness.report_protocol import Reference, compare, differences
@@ -46,10 +47,11 @@ EVIL = "<script>alert(1)</script>"
 
 
 def add_run(store, run_id, method, seed, top1, preset="paper", groups=None, device="cpu (2 threads)",
-            config=None, study=None, extra=None, val_top1=None, backbone="resnet32", curves=()):
+            config=None, study=None, extra=None, val_top1=None, backbone="resnet32", curves=(),
+            dataset="cifar10-lt", rho=10.0):
     groups = groups or {"many": top1 + 5, "medium": None, "few": None}  # CIFAR-10-LT rho 10: all many
     config = config or (QUICK_RECIPE if preset == "quick" else PAPER_RECIPE)
-    store.start_run(Run(id=run_id, method=method, dataset="cifar10-lt", rho=10.0, backbone=backbone, seed=seed,
+    store.start_run(Run(id=run_id, method=method, dataset=dataset, rho=rho, backbone=backbone, seed=seed,
                         generator="ldam", preset=preset, config=config, config_hash=run_id, status="running",
                         started_at=now(), device=device, git_commit="abcdef1234", versions={},
                         data_checksum="x", extra={}, study=study))
@@ -322,6 +324,50 @@ def test_pwc_json_shape(boards):
     assert ds["sota"]["rows"][0]["model_name"] == "wb"
     assert ds["sota"]["rows"][0]["paper_title"] == "Alshammari et al., Long-Tailed Recognition via Weight Balancing, CVPR 2022"
     assert set(ds["sota"]["rows"][0]["metrics"]) == {"Top-1 Accuracy", "Error Rate"}
+
+
+def test_a_selection_ranks_only_its_boards_and_draws_only_their_plots(boards, tmp_path):
+    _, store, bench = boards
+    add_run(store, "far", "ce", 0, 40.0, rho=112 / 3)         # a natural ratio: 37.3333 on the board
+    add_run(store, "other", "ce", 0, 60.0, dataset="fmnist-lt")
+    keys = lambda bs: [b.key for b in bs]
+    assert keys(rep.build_boards(store, bench, plots=False, only=rep.Selection(presets=("quick",)))) == \
+        [("cifar10-lt", 10.0, "quick")]
+    [natural] = rep.build_boards(store, bench, plot_cache=tmp_path / "plots", only=rep.Selection(rhos=(37.3333,)))
+    assert natural.rows["all_mean"].tolist() == [40.0] and set(natural.plots) == {PER_CLASS, WEIGHT_NORMS}
+    both = rep.Selection(datasets=("cifar10-lt", "fmnist-lt"), rhos=(10.0,), presets=("paper",))
+    assert keys(rep.build_boards(store, bench, plots=False, only=both)) == \
+        [("cifar10-lt", 10.0, "paper"), ("fmnist-lt", 10.0, "paper")]
+    cached = len(list((tmp_path / "plots").glob("*.png")))
+    rendering = rep.start_plots(store, {}, rep.PlotCache(tmp_path / "plots"), both)
+    assert {key for key, _ in rendering.keys} == {("cifar10-lt", 10.0, "paper"), ("fmnist-lt", 10.0, "paper")}
+    rendering.result()
+    # one plot more (fmnist-lt's per-class accuracy), none pruned: the unselected boards' stay cached
+    assert len(list((tmp_path / "plots").glob("*.png"))) == cached + 1
+    with pytest.raises(HarnessError, match=r"no board matches --dataset cifar100-lt --rho 10; pass one of the "
+                                           r"store's: cifar10-lt ρ=37.3333 paper, cifar10-lt ρ=10 paper, "
+                                           r"cifar10-lt ρ=10 quick, fmnist-lt ρ=10 paper"):
+        rep.build_boards(store, bench, plots=False, only=rep.Selection(datasets=("cifar100-lt",), rhos=(10.0,)))
+
+
+def test_a_site_removes_the_pages_it_wrote_that_it_no_longer_shows_and_nothing_else(boards, tmp_path):
+    bs, store, bench = boards
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "notes.html").write_text("mine")
+    written, removed = rep.render_site(bs, site)
+    assert removed == [] and "cifar10-lt-rho10-quick.html" in {p.name for p in written}
+    with store.session() as s, s.begin():   # the quick board's only run deleted
+        s.delete(s.get(Run, "q0"))
+    paper_only = rep.build_boards(store, bench, plots=False)
+    _, removed = rep.render_site(paper_only, site, html=False)   # Markdown alone: the HTML stays
+    assert [p.name for p in removed] == ["cifar10-lt-rho10-quick.md"]
+    assert (site / "cifar10-lt-rho10-quick.html").exists()
+    _, removed = rep.render_site(paper_only, site)
+    assert [p.name for p in removed] == ["cifar10-lt-rho10-quick.html"]
+    assert (site / "notes.html").read_text() == "mine" and (site / "method-ce.html").exists()
+    assert sorted(p.name for p in site.iterdir()) == sorted(
+        ["notes.html", rep.SITE_RECORD, *(site / rep.SITE_RECORD).read_text().split()])
 
 
 def test_failed_runs_are_not_reported(boards):
