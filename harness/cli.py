@@ -364,7 +364,8 @@ def show(run_id: str, db: str | None, as_json: bool) -> None:
             "started_at": r.started_at.isoformat(), "extra": r.extra, "versions": r.versions, "error": r.error}
     if as_json:
         head["config"] = r.config
-        head["metrics"] = [{"split": m.split, "group": m.group, "top1": m.top1, "error": m.error} for m in r.metrics]
+        head["metrics"] = [{"split": m.split, "group": m.group, "top1": m.top1, "error": m.error, "ece": m.ece,
+                            "n_classes": m.n_classes} for m in r.metrics]
         head["classes"] = [{"index": c.class_index, "name": c.class_name, "train_count": c.train_count,
                             "test_accuracy": c.accuracy, "weight_norm": c.weight_norm}
                            for c in sorted(r.class_metrics, key=lambda c: c.class_index)]
@@ -376,8 +377,9 @@ def show(run_id: str, db: str | None, as_json: bool) -> None:
     click.echo(tabulate([[k, json.dumps(v) if isinstance(v, dict) else v] for k, v in head.items()],
                         tablefmt="plain", disable_numparse=True))
     click.echo()
-    click.echo(tabulate([[m.split, m.group, fmt(m.top1), fmt(m.error), m.n_classes] for m in r.metrics],
-                        headers=["split", "group", "top-1", "error", "classes"], tablefmt="github", disable_numparse=True))
+    click.echo(tabulate([[m.split, m.group, fmt(m.top1), fmt(m.error), fmt(m.ece), m.n_classes] for m in r.metrics],
+                        headers=["split", "group", "top-1", "error", "ECE", "classes"], tablefmt="github",
+                        disable_numparse=True))
     click.echo()
     click.echo(tabulate([[c.class_index, c.class_name, c.train_count, fmt(c.accuracy), fmt(c.weight_norm, 3)]
                          for c in sorted(r.class_metrics, key=lambda c: c.class_index)],

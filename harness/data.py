@@ -105,6 +105,35 @@ def group_accuracies(per_class_acc: np.ndarray, train_counts: list[int]) -> dict
     return out
 
 
+ECE_BINS = 15   # MiSLAS's (utils/metric.py, `calibration`), as the LTR papers after it report ECE
+
+
+def calibration_error(probs: torch.Tensor, target: torch.Tensor) -> float | None:
+    """Expected calibration error in percent, as MiSLAS measures it: each image's confidence (its
+    top softmax probability) falls in one of 15 equal-width bins, each closed on the right; ECE is
+    the image-weighted mean over bins of |accuracy − mean confidence|. None without images."""
+    if len(target) == 0:
+        return None
+    confidence, pred = probs.max(1)
+    confidence = confidence.double().cpu().numpy()
+    correct = (pred == target).cpu().numpy()
+    bins = np.digitize(confidence, np.linspace(0.0, 1.0, ECE_BINS + 1), right=True)
+    gaps = [abs(correct[bins == b].mean() - confidence[bins == b].mean()) * (bins == b).sum()
+            for b in np.unique(bins)]
+    return float(sum(gaps) / len(target) * 100.0)
+
+
+def group_calibration_errors(probs: torch.Tensor, target: torch.Tensor,
+                             train_counts: list[int]) -> dict[str, float | None]:
+    """ECE (percent) over all images and over the images of each shot group's classes."""
+    groups = np.array([shot_group(n) for n in train_counts])[target.cpu().numpy()]
+    out = {"all": calibration_error(probs, target)}
+    for g in SHOT_GROUPS:
+        mask = torch.from_numpy(groups == g).to(target.device)
+        out[g] = calibration_error(probs[mask], target[mask])
+    return out
+
+
 def per_class_accuracy(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> np.ndarray:
     correct = torch.zeros(num_classes, dtype=torch.float64, device=pred.device)
     total = torch.zeros(num_classes, dtype=torch.float64, device=pred.device)

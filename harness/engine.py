@@ -562,5 +562,10 @@ def extract_features(model, data: DeviceData, split: str) -> torch.Tensor:
 
 
 @torch.no_grad()
+def head_outputs(model, data: DeviceData, split: str) -> torch.Tensor:
+    """The head's outputs (fp32) for every image of `split`, in order."""
+    return model.fc(extract_features(model, data, split)).float()
+
+
 def predict(model, data: DeviceData, split: str) -> torch.Tensor:
-    return model.fc(extract_features(model, data, split)).argmax(1)
+    return head_outputs(model, data, split).argmax(1)

@@ -16,7 +16,10 @@ and storage. The hooks, in the order the runner calls them:
 - `stage2(model, ctx)`: prepare the model for a second stage and say how to train it (a
   `TrainSpec`, whose params, transforms and loss follow the same rules);
 - `finalize(model, ctx)`: a post-hoc step on the trained model (τ-norm, NCM, post-hoc
-  logit adjustment), which may replace the classifier used for evaluation.
+  logit adjustment), which may replace the classifier used for evaluation;
+- `probabilities(outputs, ctx)`: the class probabilities of the evaluated head's outputs, of
+  which the calibration error is measured (a softmax, unless the head's outputs are scaled in
+  the loss, as LDAM's cosines, or are not logits at all, as NCM's distances).
 
 Everything a per-step hook computes must be tensor work on the device (it runs inside a
 captured CUDA graph), and everything it mutates must be in the trainer's resumable
@@ -83,6 +86,11 @@ class Method:
 
     def finalize(self, model: nn.Module, ctx: RunContext) -> None:
         """Post-hoc change to the trained model (e.g. τ-normalisation)."""
+
+    def probabilities(self, outputs: torch.Tensor, ctx: RunContext) -> torch.Tensor | None:
+        """Class probabilities of the evaluated head's outputs (images x classes), for the
+        calibration error; None where they have none."""
+        return outputs.softmax(1)
 
 
 # ---------------------------------------------------------------- helpers the methods share

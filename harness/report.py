@@ -30,7 +30,7 @@ from harness.store import ClassMetric, CurvePoint, Metric, Run, Store
 
 GROUPS = ("all", "many", "medium", "few")
 TASK = "Long-tail Learning"
-METRIC_NAMES = {"top1": "Top-1 Accuracy", "error": "Error Rate"}
+METRIC_NAMES = {"top1": "Top-1 Accuracy", "error": "Error Rate", "ece": "ECE"}
 BOARD_KEY = ["dataset", "rho", "preset"]
 ROW_KEY = ["method", *SETUP]       # a board row: one method on one setup
 RANKED = and_(Run.status == "completed", Run.study.is_(None))
@@ -91,15 +91,16 @@ def counted_runs(only: Selection = EVERY_BOARD):
 
 
 def load_results(store: Store, only: Selection = EVERY_BOARD) -> pd.DataFrame:
-    """One row per counted run: its setup, test top-1 per shot group (top1_all ... top1_few) and
-    compute, in one query."""
+    """One row per counted run: its setup, test top-1 per shot group (top1_all ... top1_few), test
+    ECE (ece_all; NULL where not measured) and compute, in one query."""
     counted = counted_runs(only)
     top1 = [func.max(case((Metric.group == g, Metric.top1))).label(f"top1_{g}") for g in GROUPS]
+    ece = func.max(case((Metric.group == "all", Metric.ece))).label("ece_all")
     query = (select(Run.id, Run.method, Run.dataset, Run.rho, Run.backbone, Run.generator, Run.seed, Run.preset,
                     Run.finished_at, Run.wall_seconds, Run.device, Run.git_commit, Run.stage1_cached,
                     counted.c.epochs, counted.c.augmentation, counted.c.recipe, counted.c.precision,
                     counted.c.tau_chosen_on,
-                    Run.extra["stage1_seconds"].as_float().label("stage1_seconds"), *top1)
+                    Run.extra["stage1_seconds"].as_float().label("stage1_seconds"), *top1, ece)
              .join(counted, counted.c.id == Run.id)
              .outerjoin(Metric, and_(Metric.run_id == Run.id, Metric.split == "test"))
              .group_by(Run.id, counted.c.epochs, counted.c.augmentation, counted.c.recipe, counted.c.precision,
@@ -317,15 +318,26 @@ def method_about(name: str) -> dict:
 
 def aggregate(results: pd.DataFrame) -> pd.DataFrame:
     """Per board, method and setup: n, mean and sample std (NaN for one seed) of top-1 by shot
-    group over seeds, mean compute, the latest date and the commits."""
+    group over seeds, of ECE where every seed measured it, mean compute, the latest date and the
+    commits."""
     spread = {f"{grp}_{stat}": (f"top1_{grp}", stat) for grp in GROUPS for stat in ("mean", "std")}
     rows = results.groupby(BOARD_KEY + ROW_KEY, sort=False, dropna=False).agg(
-        n=("seed", "size"), seeds=("seed", sorted), **spread, minutes=("minutes", "mean"), gpu=("gpu", "any"),
+        n=("seed", "size"), seeds=("seed", sorted), **spread, ece_mean=("ece_all", mean_of_all),
+        ece_std=("ece_all", std_of_all), minutes=("minutes", "mean"), gpu=("gpu", "any"),
         date=("finished_at", "max"), commit=("git_commit", short_commits)).reset_index()
     rows["date"] = rows["date"].dt.strftime("%Y-%m-%d")
     setup = rows[list(SETUP)].astype(object)
     rows[list(SETUP)] = setup.where(setup.notna(), None)   # a setup field not recorded is None, not NA
     return rows
+
+
+def mean_of_all(values: pd.Series) -> float:
+    """The mean, or NaN where a value is missing: a mean over some of a row's seeds is not its."""
+    return values.mean() if values.notna().all() else np.nan
+
+
+def std_of_all(values: pd.Series) -> float:
+    return values.std() if values.notna().all() else np.nan
 
 
 def short_commits(commits: pd.Series) -> str:
@@ -461,26 +473,39 @@ def setup_cells(board: Board) -> list[str]:
     return [" · ".join([r["backbone"], *shown_setup(r, varying)]) for _, r in board.rows.iterrows()]
 
 
-BOARD_HEADERS = ["Rank", "Method", "Setup", "Lead", "Other", "n", "Many", "Medium", "Few", "Paper top-1", "Δ",
+BOARD_HEADERS = ["Rank", "Method", "Setup", "Lead", "Other", "n", "Many", "Medium", "Few", "ECE", "Paper top-1", "Δ",
                  "Paper differs", "Compute (min)", "Date", "Commit"]
-NUMERIC = {"Rank", "Top-1", "Error", "n", "Many", "Medium", "Few", "Paper top-1", "Δ", "Compute (min)"}
+NUMERIC = {"Rank", "Top-1", "Error", "n", "Many", "Medium", "Few", "ECE", "Paper top-1", "Δ", "Compute (min)"}
+
+
+def has_ece(board: Board) -> bool:
+    """Whether any row of the board has a calibration error: a board of runs stored before ECE
+    was measured, or of NCM alone, has no ECE column."""
+    return bool(board.rows["ece_mean"].notna().any())
 
 
 def board_table(board: Board) -> tuple[list[str], list[list[str]]]:
-    """The board as display strings; the leading metric first."""
+    """The board as display strings; the leading metric first, ECE where the board has any."""
     lead = "Error" if board.metric == "error" else "Top-1"
     other = "Top-1" if board.metric == "error" else "Error"
-    headers = [{"Lead": lead, "Other": other}.get(h, h) for h in BOARD_HEADERS]
+    shown = [h for h in BOARD_HEADERS if h != "ECE" or has_ece(board)]
+    headers = [{"Lead": lead, "Other": other}.get(h, h) for h in shown]
     rows = []
     for (_, r), setup in zip(board.rows.iterrows(), setup_cells(board)):
         top1 = fmt_mean_std(r["all_mean"], r["all_std"])
         err = fmt_mean_std(error_of(r["all_mean"]), r["all_std"])
-        rows.append([f"{r['rank']}{' (tie)' if r['tie'] else ''}", r["method"], setup,
-                     err if board.metric == "error" else top1, top1 if board.metric == "error" else err,
-                     str(r["n"]), fmt(r["many_mean"]), fmt(r["medium_mean"]), fmt(r["few_mean"]),
-                     fmt(r["paper"]), fmt_delta(r["delta"]), differs_names(r["paper_differs"]), fmt_minutes(r),
-                     r["date"], r["commit"]])
+        cells = {"Rank": f"{r['rank']}{' (tie)' if r['tie'] else ''}", "Method": r["method"], "Setup": setup,
+                 "Lead": err if board.metric == "error" else top1, "Other": top1 if board.metric == "error" else err,
+                 "n": str(r["n"]), "Many": fmt(r["many_mean"]), "Medium": fmt(r["medium_mean"]),
+                 "Few": fmt(r["few_mean"]), "ECE": fmt_ece(r), "Paper top-1": fmt(r["paper"]),
+                 "Δ": fmt_delta(r["delta"]), "Paper differs": differs_names(r["paper_differs"]),
+                 "Compute (min)": fmt_minutes(r), "Date": r["date"], "Commit": r["commit"]}
+        rows.append([cells[h] for h in shown])
     return headers, rows
+
+
+def fmt_ece(row) -> str:
+    return "—" if pd.isna(row["ece_mean"]) else fmt_mean_std(row["ece_mean"], row["ece_std"])
 
 
 def reference_table(board: Board) -> tuple[list[str], list[list[str]]]:
@@ -517,7 +542,9 @@ def method_results(boards: list[Board]) -> dict[str, list[dict]]:
     for b in boards:
         for (_, r), setup in zip(b.rows.iterrows(), setup_cells(b)):
             model = f"{r['method']} ({setup}, preset {b.preset}, n={r['n']})"
-            for metric, value in (("error", error_of(r["all_mean"])), ("top1", r["all_mean"])):
+            values = [("error", error_of(r["all_mean"])), ("top1", r["all_mean"])]
+            values += [("ece", r["ece_mean"])] if pd.notna(r["ece_mean"]) else []
+            for metric, value in values:
                 out.setdefault(r["method"], []).append({
                     "task": TASK, "dataset": b.name, "metric": METRIC_NAMES[metric], "value": value,
                     "model": model, "rank": int(r["rank"]), "board": b.slug, "preset": b.preset})
@@ -548,7 +575,7 @@ def render_html(boards: list[Board], out: Path) -> list[Path]:
         html = env.get_template("board.html").render(
             board=b, headers=headers, rows=rows, numeric=NUMERIC,
             differs=[differs_text(d) for d in b.rows["paper_differs"]], references=reference_table(b),
-            tuning=tuning_table(b), methods=sorted(methods), columns_note=COLUMNS_NOTE)
+            tuning=tuning_table(b), methods=sorted(methods), columns_note=columns_note(b))
         written.append(write(out / f"{b.slug}.html", html))
     for method, results in methods.items():
         html = env.get_template("method.html").render(method=method, about=about[method], results=results,
@@ -588,17 +615,24 @@ def render_markdown(boards: list[Board], out: Path) -> list[Path]:
 COMPARISON_NOTE = ("Δ = ours − a paper's top-1 for the same method trained on our backbone, generator, epochs and "
                    "augmentation (paper preset and shipped recipe only); \"Paper differs\" names the rest of its "
                    "protocol that is not ours, or, without Δ, why it is not comparable. The reference table says how.")
+ECE_NOTE = ("ECE: expected calibration error on test (%, lower is better, not ranked; MiSLAS's 15 confidence "
+            "bins); \"—\" where it was not measured: NCM's distances are not logits, and runs stored before it "
+            "was kept none.")
 COLUMNS_NOTE = ("Setup: the backbone, then what differs between rows; \"τ chosen on test\" (a run without a "
                 "validation split) is an oracle; \"recipe …\" names what a copy of benchmarks.yaml changed of the "
                 "shipped recipe. Compute: minutes per seed (its share where seeds "
                 "trained together), a reused stage 1's included.")
 
 
+def columns_note(board: Board) -> str:
+    return f"{ECE_NOTE} {COLUMNS_NOTE}" if has_ece(board) else COLUMNS_NOTE
+
+
 def markdown_board(b: Board) -> str:
     headers, rows = board_table(b)
     text = [f"## {TASK} on {b.name} — preset `{b.preset}`", "",
             f"Ranked by top-1 (leading metric: {METRIC_NAMES[b.metric]}). \"(tie)\": mean ± std overlaps the row above. "
-            + COMPARISON_NOTE + " " + COLUMNS_NOTE, "", tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)]
+            + COMPARISON_NOTE + " " + columns_note(b), "", tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)]
     if b.references:
         rh, rr = reference_table(b)
         text += ["", "Paper-reported (reference, not measured here):", "",
@@ -683,27 +717,36 @@ def render_latex(boards: list[Board]) -> str:
 def latex_board(b: Board) -> str:
     """One table; a paper number whose protocol differs from ours carries a note mark (a, b, ...)
     and the notes under the table say how."""
-    body, notes = [], []
+    body, notes, with_ece = [], [], has_ece(b)
     for (_, r), setup in zip(b.rows.iterrows(), setup_cells(b)):
-        pm = "" if r["all_std"] is None or pd.isna(r["all_std"]) else f" $\\pm$ {r['all_std']:.2f}"
         paper = fmt(r["paper"])
         if r["paper_differs"]:
             mark = note_mark(len(notes))
             paper += f"\\textsuperscript{{{mark}}}"
             notes.append(f"\\textsuperscript{{{mark}}}{latex_escape(r['method'])}: "
                          f"{latex_escape(differs_text(r['paper_differs']))}.")
+        ece = [latex_mean_std(r["ece_mean"], r["ece_std"])] if with_ece else []
         body.append(" & ".join([latex_escape(r["method"]), latex_escape(setup),
-                                f"{fmt(r['all_mean'])}{pm}", fmt(error_of(r["all_mean"])),
-                                fmt(r["many_mean"]), fmt(r["medium_mean"]), fmt(r["few_mean"]),
+                                latex_mean_std(r["all_mean"], r["all_std"]), fmt(error_of(r["all_mean"])),
+                                fmt(r["many_mean"]), fmt(r["medium_mean"]), fmt(r["few_mean"]), *ece,
                                 str(r["n"]), paper, fmt_delta(r["delta"])]).replace("—", "--") + r" \\")
     return "\n".join([
         "\\begin{table}[t]", "\\centering",
-        f"\\caption{{{latex_escape(TASK)} on {latex_escape(b.title)} ($\\rho={b.rho:g}$), preset {latex_escape(b.preset)}.}}",
-        "\\begin{tabular}{llrrrrrrrr}", "\\toprule",
-        "Method & Setup & Top-1 & Error & Many & Medium & Few & $n$ & Paper & $\\Delta$ \\\\", "\\midrule",
+        f"\\caption{{{latex_escape(TASK)} on {latex_escape(b.title)} ($\\rho={b.rho:g}$), preset {latex_escape(b.preset)}"
+        f"{'; ECE: expected calibration error, 15 bins' if with_ece else ''}.}}",
+        f"\\begin{{tabular}}{{ll{'r' * (9 if with_ece else 8)}}}", "\\toprule",
+        f"Method & Setup & Top-1 & Error & Many & Medium & Few & {'ECE & ' if with_ece else ''}$n$ & Paper & $\\Delta$ \\\\",
+        "\\midrule",
         *body, "\\bottomrule", "\\end{tabular}",
         *(["\\par\\smallskip\\footnotesize " + " \\\\\n".join(notes)] if notes else []),
         "\\end{table}"])
+
+
+def latex_mean_std(mean, std) -> str:
+    """mean $\\pm$ std; the mean alone for one seed; "—" for none (the table writes it "--")."""
+    if mean is None or pd.isna(mean):
+        return "—"
+    return fmt(mean) + ("" if std is None or pd.isna(std) else f" $\\pm$ {std:.2f}")
 
 
 def note_mark(index: int) -> str:
@@ -726,13 +769,15 @@ def render_pwc_json(boards: list[Board]) -> str:
         rows = [{"model_name": f"{r['method']} ({setup})" if twice else r["method"],
                  "paper_title": b.about.get(r["method"], {}).get("paper", ""), "paper_url": "", "paper_date": None,
                  "code_links": [], "model_links": [], "uses_additional_data": False,
-                 "metrics": {"Top-1 Accuracy": fmt(r["all_mean"]), "Error Rate": fmt(error_of(r["all_mean"]))},
+                 "metrics": {"Top-1 Accuracy": fmt(r["all_mean"]), "Error Rate": fmt(error_of(r["all_mean"])),
+                             **({METRIC_NAMES["ece"]: fmt(r["ece_mean"])} if pd.notna(r["ece_mean"]) else {})},
                  "paper_reference": paper_reference(r)}
                 for (_, r), setup, twice in zip(b.rows.iterrows(), setup_cells(b), several)]
         datasets.append({"dataset": f"{b.name} [{b.preset}]", "description": "", "dataset_links": [],
                          "subdatasets": [], "dataset_citations": [],
                          "sota": {"metrics": [METRIC_NAMES[b.metric],
-                                              METRIC_NAMES["top1" if b.metric == "error" else "error"]],
+                                              METRIC_NAMES["top1" if b.metric == "error" else "error"],
+                                              *([METRIC_NAMES["ece"]] if has_ece(b) else [])],
                                   "rows": rows}})
     task = {"task": TASK, "description": "", "categories": ["Computer Vision"], "datasets": datasets,
             "subtasks": [], "synonyms": [], "source_link": None}

@@ -21,9 +21,9 @@ from harness.augment import augmentation_transforms
 from harness.checkpoints import (cache_root, check_cache_root, check_folder, drop_epoch_checkpoint,
                                  epoch_checkpoint_path, load_checkpoint, save_atomic, stage1_key, stage1_path)
 from harness.config import RunConfig, has_key, load_benchmarks, resolve, with_overrides
-from harness.data import LTData, group_accuracies, per_class_accuracy, shot_group
+from harness.data import LTData, group_accuracies, group_calibration_errors, per_class_accuracy, shot_group
 from harness.distributed import announce, init_from_env, is_main, world
-from harness.engine import (DeviceData, Trainer, TrainSpec, device_name, fit_many, precision_on, predict,
+from harness.engine import (DeviceData, Trainer, TrainSpec, device_name, fit_many, head_outputs, precision_on, predict,
                             resolve_device, train)
 from harness.method import Method, RunContext
 from harness.models import build_model, check_backbone, head_weight, reinitialise, under
@@ -386,14 +386,19 @@ def finish(job: Job, data: LTData, ddata: DeviceData, store: Store | None, cache
     method.finalize(model, ctx)
     metrics, test_acc = [], None
     for split in ("test", "val"):
-        if ddata.labels(split).numel() == 0:
+        y = ddata.labels(split)
+        if y.numel() == 0:
             continue
-        acc = class_accuracy(model, ddata, split)
+        outputs = head_outputs(model, ddata, split)
+        acc = per_class_accuracy(outputs.argmax(1), y, ddata.num_classes) * 100.0
         test_acc = acc if split == "test" else test_acc
+        probs = method.probabilities(outputs, ctx)
+        ece = {} if probs is None else group_calibration_errors(probs, y, data.train_counts)
         for group, top1 in group_accuracies(acc, data.train_counts).items():
             n = sum(1 for c in data.train_counts if group == "all" or shot_group(c) == group)
             metrics.append({"split": split, "group": group, "top1": top1,
-                            "error": None if top1 is None else 100.0 - top1, "n_classes": n})
+                            "error": None if top1 is None else 100.0 - top1, "ece": ece.get(group),
+                            "n_classes": n})
     norms = head_weight(model.fc).detach().float().norm(dim=1).cpu().numpy()
     class_rows = [{"class_index": c, "class_name": data.class_names[c], "train_count": int(data.train_counts[c]),
                    "accuracy": float(test_acc[c]), "weight_norm": float(norms[c])}

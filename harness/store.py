@@ -77,6 +77,8 @@ class Metric(Base):
     group: Mapped[str] = mapped_column(String(8))    # all | many | medium | few
     top1: Mapped[float | None] = mapped_column(Real, nullable=True)   # percent; NULL = empty group
     error: Mapped[float | None] = mapped_column(Real, nullable=True)
+    # expected calibration error, percent (harness.data.calibration_error); NULL: not measured
+    ece: Mapped[float | None] = mapped_column(Real, nullable=True)
     n_classes: Mapped[int] = mapped_column(Integer)
     run: Mapped[Run] = relationship(back_populates="metrics")
 

@@ -55,5 +55,8 @@ class LDAMDRW(Method):
 
         return f"ldam(max_m={max_margin},s={scale})-drw(beta={beta},from={start})", loss
 
+    def probabilities(self, outputs, ctx: RunContext):
+        return (float(ctx.recipe["scale"]) * outputs).softmax(1)   # the cosines the loss scales by s
+
 
 METHOD = LDAMDRW()

@@ -41,5 +41,8 @@ class NCM(Method):
         data = ctx.data
         model.fc = ncm_head(extract_features(model, data, "train"), data.labels("train"), data.num_classes)
 
+    def probabilities(self, outputs, ctx: RunContext):
+        return None   # negative squared distances of unit vectors, not logits: no calibration to measure
+
 
 METHOD = NCM()

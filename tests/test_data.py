@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from harness import HarnessError
-from harness.data import group_accuracies, holdout_val, lt_counts, per_class_accuracy, select_lt, shot_group
+from harness.data import (calibration_error, group_accuracies, group_calibration_errors, holdout_val, lt_counts,
+                          per_class_accuracy, select_lt, shot_group)
 from harness.datasets import FMNIST_LT, read_idx
 
 
@@ -200,3 +201,31 @@ def test_a_cifar_download_that_finds_no_network_names_the_archive_to_copy_in(tmp
     with pytest.raises(HarnessError, match=r"URLError.*; without a network, copy cifar-10-python.tar.gz "
                                            r"\(https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz\) into "):
         load_cifar(CIFAR10_LT, tmp_path, download=True)
+
+
+def test_calibration_error_by_hand():
+    """MiSLAS's ECE: 15 equal-width confidence bins; per bin |accuracy - mean confidence|,
+    weighted by its images. Two images at confidence 0.9 (bin 14), one right: gap 0.4 twice;
+    one at 0.5, right: 0.5; one at 0.3, wrong: 0.3. (0.8 + 0.5 + 0.3) / 4 = 40 %."""
+    probs = torch.tensor([[0.9, 0.025, 0.025, 0.025, 0.025],
+                          [0.025, 0.9, 0.025, 0.025, 0.025],
+                          [0.125, 0.125, 0.5, 0.125, 0.125],
+                          [0.3, 0.2, 0.2, 0.15, 0.15]])
+    target = torch.tensor([0, 0, 2, 4])
+    assert calibration_error(probs, target) == pytest.approx(40.0)
+    # images of one bin pool their accuracy: 0.91 and 0.88 are both in (0.867, 0.933]
+    pooled = torch.tensor([[0.91, 0.09], [0.12, 0.88]])
+    assert calibration_error(pooled, torch.tensor([0, 0])) == pytest.approx(abs(0.5 - 0.895) * 100)
+    assert calibration_error(probs[:0], target[:0]) is None
+
+
+def test_calibration_error_per_shot_group_takes_the_images_of_its_classes():
+    counts = [500, 50, 5]   # many, medium, few
+    probs = torch.tensor([[0.9, 0.05, 0.05], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8]])
+    target = torch.tensor([0, 1, 2, 2])
+    ece = group_calibration_errors(probs, target, counts)
+    assert ece["many"] == pytest.approx(10.0)              # right at 0.9
+    assert ece["medium"] == pytest.approx(60.0)            # wrong at 0.6
+    assert ece["few"] == pytest.approx((70 + 20) / 2)      # wrong at 0.7, right at 0.8: bins apart
+    assert ece["all"] == pytest.approx((10 + 60 + 70 + 20) / 4)
+    assert group_calibration_errors(probs[:1], target[:1], counts)["few"] is None

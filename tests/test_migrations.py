@@ -40,6 +40,7 @@ def test_previous_schema_is_refused_then_upgraded_with_every_row(tmp_path):
     assert run.status == "completed" and run.extra == {"tau": 1.0} and run.failed_epoch is None
     assert sorted((m.group, m.top1) for m in run.metrics) == [("all", 70.5), ("few", None), ("many", 90.0),
                                                                ("medium", 60.0)]
+    assert {m.ece for m in run.metrics} == {None}   # not measured then
     assert [(c.class_name, c.accuracy) for c in run.class_metrics] == [("airplane", 95.0)]
     assert [(c.kind, c.value) for c in run.curves] == [("tau_sweep", 66.0)]
     assert upgrade(url) == (head_revision(), head_revision())  # idempotent
@@ -51,6 +52,7 @@ def test_new_store_is_created_at_the_newest_schema(tmp_path):
     with sqlite3.connect(tmp_path / "new.db") as con:
         assert con.execute("select version_num from harness_alembic_version").fetchall() == [(head_revision(),)]
         assert "failed_epoch" in [r[1] for r in con.execute("pragma table_info(runs)")]
+        assert "ece" in [r[1] for r in con.execute("pragma table_info(metrics)")]
 
 
 def test_db_upgrade_command(tmp_path):
@@ -77,6 +79,7 @@ def test_a_store_stamped_in_alembics_default_table_moves_to_the_harness_table(tm
         con.execute("update alembic_version set version_num = '0002'")
         con.execute("drop index ix_runs_study")
         con.execute("alter table runs drop column study")
+        con.execute("alter table metrics drop column ece")
     with pytest.raises(HarnessError, match="has schema 0002"):
         Store(url)
     assert upgrade(url) == ("0002", head_revision())

@@ -48,14 +48,14 @@ EVIL = "<script>alert(1)</script>"
 
 def add_run(store, run_id, method, seed, top1, preset="paper", groups=None, device="cpu (2 threads)",
             config=None, study=None, extra=None, val_top1=None, backbone="resnet32", curves=(),
-            dataset="cifar10-lt", rho=10.0):
+            dataset="cifar10-lt", rho=10.0, ece=None):
     groups = groups or {"many": top1 + 5, "medium": None, "few": None}  # CIFAR-10-LT rho 10: all many
     config = config or (QUICK_RECIPE if preset == "quick" else PAPER_RECIPE)
     store.start_run(Run(id=run_id, method=method, dataset=dataset, rho=rho, backbone=backbone, seed=seed,
                         generator="ldam", preset=preset, config=config, config_hash=run_id, status="running",
                         started_at=now(), device=device, git_commit="abcdef1234", versions={},
                         data_checksum="x", extra={}, study=study))
-    metrics = [{"split": "test", "group": "all", "top1": top1, "error": 100 - top1, "n_classes": 10}]
+    metrics = [{"split": "test", "group": "all", "top1": top1, "error": 100 - top1, "ece": ece, "n_classes": 10}]
     metrics += [{"split": "test", "group": g, "top1": v, "error": None if v is None else 100 - v, "n_classes": 10}
                 for g, v in groups.items()]
     if val_top1 is not None:
@@ -303,6 +303,7 @@ def test_latex_escapes(boards):
 def test_latex_boards_compile_under_pdflatex(boards, store_url, tmp_path):
     store = Store(store_url)   # a τ chosen on test is named in the Setup: Greek, for pdflatex
     add_run(store, "oracle", "tau_norm", 0, 86.0, extra={"tau_selected_on": "test"})
+    add_run(store, "calibrated", "ce", 0, 86.0, ece=7.5)   # a board with an ECE column: one more
     (tmp_path / "boards.tex").write_text(rep.render_latex(boards[0]) + rep.render_latex(rep.build_boards(store, None)))
     (tmp_path / "doc.tex").write_text("\\documentclass{article}\\usepackage{booktabs}\\usepackage[landscape]{geometry}"
                                       "\\begin{document}\\input{boards}\\end{document}\n")
@@ -368,6 +369,33 @@ def test_a_site_removes_the_pages_it_wrote_that_it_no_longer_shows_and_nothing_e
     assert (site / "notes.html").read_text() == "mine" and (site / "method-ce.html").exists()
     assert sorted(p.name for p in site.iterdir()) == sorted(
         ["notes.html", rep.SITE_RECORD, *(site / rep.SITE_RECORD).read_text().split()])
+
+
+def test_ece_is_shown_where_every_seed_of_a_row_measured_it_and_only_on_boards_that_have_it(tmp_path, bench):
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    for seed, (top1, ece) in enumerate([(88.0, 10.0), (90.0, 14.0)]):
+        add_run(store, f"ce{seed}", "ce", seed, top1, ece=ece)
+    add_run(store, "wb0", "wb", 0, 91.0, ece=5.0)
+    add_run(store, "wb1", "wb", 1, 93.0)              # stored before ECE was measured
+    add_run(store, "q0", "ce", 0, 99.0, preset="quick")
+    paper, quick = rep.build_boards(store, bench, plots=False)
+    headers, rows = rep.board_table(paper)
+    assert headers[8:11] == ["Few", "ECE", "Paper top-1"]
+    assert row_of(headers, rows, "ce")["ECE"] == "12.00 ± 2.83" and row_of(headers, rows, "wb")["ECE"] == "—"
+    assert "ECE" not in rep.board_table(quick)[0]
+    frame = rep.board_frame([paper, quick]).set_index(["preset", "method"])
+    assert frame.loc[("paper", "ce"), "ece_mean"] == pytest.approx(12.0)
+    assert frame[["ece_mean"]].isna().sum().item() == 2
+    tex_paper, tex_quick = rep.render_latex([paper, quick]).split("\\end{table}")[:2]
+    assert "& Few & ECE & $n$ &" in tex_paper and "& 12.00 $\\pm$ 2.83 & 2 &" in tex_paper and "ECE" not in tex_quick
+    assert "& 97.00 & -- & -- & -- & 2 &" in tex_paper   # wb: medium, few, ECE empty (not ---)
+    pwc = json.loads(rep.render_pwc_json([paper]))[0]["datasets"][0]["sota"]
+    assert pwc["metrics"][-1] == "ECE" and {r["model_name"]: r["metrics"].get("ECE") for r in pwc["rows"]} == \
+        {"ce": "12.00", "wb": None}
+    ce_page = [(r["dataset"], r["metric"], r["value"]) for r in rep.method_results([paper, quick])["ce"]]
+    assert ("CIFAR-10-LT (ρ=10)", "ECE", 12.0) in ce_page and sum(m == "ECE" for _, m, _ in ce_page) == 1
+    assert "ECE: expected calibration error" in rep.markdown_board(paper)
+    assert "ECE" not in rep.markdown_board(quick)
 
 
 def test_failed_runs_are_not_reported(boards):

@@ -7,6 +7,7 @@ from sqlalchemy import func, select
 
 import harness.runner as runner_mod
 from harness import HarnessError
+from harness.data import calibration_error
 from harness.provenance import cpu_model, package_versions
 from harness.runner import RunRequest, execute
 from harness.store import ClassMetric, CurvePoint, Metric, Store
@@ -336,8 +337,9 @@ def test_running_out_of_gpu_memory_is_one_line_naming_the_fixes(synth, monkeypat
     assert [r.status for r in rows] == ["failed", "failed"] and {r.error for r in rows} == {message}
 
 
-@pytest.mark.parametrize("method", ["crt", "la_posthoc", "ncm"])   # a stage-2 head, a shifted head, class means
-def test_a_saved_model_predicts_what_the_run_stored_from_the_inputs_it_names(synth, tmp_path, method):
+# a stage-2 head, a shifted head, class means, a cosine head whose loss scales it
+@pytest.mark.parametrize("method", ["crt", "la_posthoc", "ncm", "ldam_drw"])
+def test_a_saved_model_predicts_and_is_as_calibrated_as_the_run_stored_from_the_inputs_it_names(synth, tmp_path, method):
     from tests.synthetic import SYNTH_LT
 
     [res] = run(method, synth, save_model=str(tmp_path / "models"))
@@ -351,9 +353,19 @@ def test_a_saved_model_predicts_what_the_run_stored_from_the_inputs_it_names(syn
     data = SYNTH_LT.build(100.0, "ldam", stored.config["val_per_class"], None)
     x = (data.test_x.float() / 255 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
     with torch.no_grad():
-        predicted = saved["model"](x).argmax(1)
+        outputs = saved["model"](x)
+    predicted = outputs.argmax(1)
     accuracy = [100.0 * (predicted[data.test_y == c] == c).float().mean().item() for c in range(6)]
     assert accuracy == pytest.approx([c.accuracy for c in sorted(stored.class_metrics, key=lambda c: c.class_index)])
+    ece = {m.group: m.ece for m in stored.metrics if m.split == "test"}
+    if method == "ncm":   # distances, not logits: no calibration
+        assert set(ece.values()) == {None}
+        return
+    probs = (stored.config["recipe"]["scale"] * outputs if method == "ldam_drw" else outputs).softmax(1)
+    few = torch.tensor([SYNTH_COUNTS[c] < 20 for c in data.test_y])
+    assert ece["all"] == pytest.approx(calibration_error(probs, data.test_y), abs=1e-4)
+    assert ece["few"] == pytest.approx(calibration_error(probs[few], data.test_y[few]), abs=1e-4)
+    assert ece["all"] != pytest.approx(ece["few"]) and 0 < ece["all"] < 100
 
 
 def test_a_model_folder_that_cannot_be_one_is_refused_before_a_row_is_written(synth, tmp_path):

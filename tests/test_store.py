@@ -37,7 +37,7 @@ def test_complete_run_round_trips_numbers_nulls_and_json(store_url):
     store = Store(store_url)
     started = datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=timezone.utc)
     new_run(store, "r1", started_at=started)
-    store.complete_run("r1", metrics=[{**GOOD, "top1": 82.46, "error": 100 - 82.46}, EMPTY_GROUP],
+    store.complete_run("r1", metrics=[{**GOOD, "top1": 82.46, "error": 100 - 82.46, "ece": 7.31}, EMPTY_GROUP],
                        class_metrics=[{"class_index": 0, "class_name": "a", "train_count": 3, "accuracy": 12.5,
                                        "weight_norm": 0.75}],
                        curves=[{"kind": "tau_sweep", "x": 0.1, "split": "val", "group": "all", "value": 40.0}],
@@ -45,8 +45,8 @@ def test_complete_run_round_trips_numbers_nulls_and_json(store_url):
     row = Store(store_url).get_run("r1")
     assert row.status == "completed" and row.extra == {"tau": 1.2, "maxnorm_active_steps": 3}
     assert row.config == {"nested": {"lr": 0.1}} and row.stage1_cached == 1
-    assert sorted((m.group, m.top1, m.error) for m in row.metrics) == [("all", 82.46, 100 - 82.46),
-                                                                       ("few", None, None)]
+    assert sorted((m.group, m.top1, m.error, m.ece) for m in row.metrics) == [("all", 82.46, 100 - 82.46, 7.31),
+                                                                               ("few", None, None, None)]
     as_utc = row.started_at if row.started_at.tzinfo else row.started_at.replace(tzinfo=timezone.utc)
     assert as_utc == started and row.finished_at > row.started_at
     assert isinstance(row.class_metrics[0].accuracy, float) and row.curves[0].value == 40.0
