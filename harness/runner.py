@@ -23,7 +23,7 @@ from harness.checkpoints import (cache_root, check_cache_root, check_folder, dro
 from harness.config import RunConfig, has_key, load_benchmarks, resolve, with_overrides
 from harness.data import LTData, group_accuracies, group_calibration_errors, per_class_accuracy, shot_group
 from harness.distributed import announce, init_from_env, is_main, world
-from harness.engine import (DeviceData, Trainer, TrainSpec, device_name, fit_many, head_outputs, precision_on, predict,
+from harness.engine import (DeviceData, Trainer, TrainSpec, device_name, fit_many, head_outputs, precision_on,
                             resolve_device, train)
 from harness.method import Method, RunContext
 from harness.models import build_model, check_backbone, head_weight, reinitialise, under
@@ -309,10 +309,9 @@ def stage1(jobs: list[Job], ddata: DeviceData, cache: Path, req: RunRequest) -> 
             record_stage1(job, log.epoch_loss, seconds, log.graph)
 
 
-def class_accuracy(model: torch.nn.Module, ddata: DeviceData, split: str) -> torch.Tensor:
-    """Per-class top-1 (percent) on `split`; NaN for a class without images there."""
-    y = ddata.labels(split)
-    return per_class_accuracy(predict(model, ddata, split), y, ddata.num_classes) * 100.0
+def class_accuracy(outputs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> np.ndarray:
+    """Per-class top-1 (percent) of the head's outputs; NaN for a class without images."""
+    return per_class_accuracy(outputs.argmax(1), labels, num_classes) * 100.0
 
 
 def epoch_watch(req: RunRequest, jobs: list["Job"], ddata: DeviceData, offset: int):
@@ -323,7 +322,8 @@ def epoch_watch(req: RunRequest, jobs: list["Job"], ddata: DeviceData, offset: i
 
     def epoch_end(i: int, epoch: int) -> None:
         job = jobs[i]
-        top1 = group_accuracies(class_accuracy(job.model, ddata, "val"), job.ctx.train_counts)["all"]
+        val = class_accuracy(head_outputs(job.model, ddata, "val"), ddata.labels("val"), ddata.num_classes)
+        top1 = group_accuracies(val, job.ctx.train_counts)["all"]
         if top1 is not None:
             req.on_epoch(job.run_id, offset + epoch, top1)
     return epoch_end
@@ -390,7 +390,7 @@ def finish(job: Job, data: LTData, ddata: DeviceData, store: Store | None, cache
         if y.numel() == 0:
             continue
         outputs = head_outputs(model, ddata, split)
-        acc = per_class_accuracy(outputs.argmax(1), y, ddata.num_classes) * 100.0
+        acc = class_accuracy(outputs, y, ddata.num_classes)
         test_acc = acc if split == "test" else test_acc
         probs = method.probabilities(outputs, ctx)
         ece = {} if probs is None else group_calibration_errors(probs, y, data.train_counts)
