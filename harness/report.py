@@ -368,12 +368,13 @@ def references_for(doc: dict, dataset: str, rho: float) -> list[Reference]:
 
 
 def compare_with_papers(rows: pd.DataFrame, refs: list[Reference], preset: str) -> pd.DataFrame:
-    """Per row the paper top-1 shown, Δ (paper preset, comparable reference only) and how the
-    reference's protocol differs from the row's (DESIGN.md §4)."""
+    """Per row the paper top-1 shown (and its ECE where the paper reports one), Δ (paper preset,
+    comparable reference only) and how the reference's protocol differs from the row's (DESIGN.md §4)."""
     comparisons = [compare(our_protocol(row), row["all_mean"], [r for r in refs if r.method == row["method"]],
                            with_delta=preset == "paper") for row in rows.to_dict("records")]
     rows = rows.copy()
     rows["paper"] = [c.reference.top1 if c.reference else None for c in comparisons]
+    rows["paper_ece"] = [c.reference.ece if c.reference else None for c in comparisons]
     rows["delta"] = [c.delta for c in comparisons]
     rows["paper_source"] = [c.reference.source if c.reference else None for c in comparisons]
     rows["paper_differs"] = [list(c.differs) for c in comparisons]
@@ -473,9 +474,10 @@ def setup_cells(board: Board) -> list[str]:
     return [" · ".join([r["backbone"], *shown_setup(r, varying)]) for _, r in board.rows.iterrows()]
 
 
-BOARD_HEADERS = ["Rank", "Method", "Setup", "Lead", "Other", "n", "Many", "Medium", "Few", "ECE", "Paper top-1", "Δ",
-                 "Paper differs", "Compute (min)", "Date", "Commit"]
-NUMERIC = {"Rank", "Top-1", "Error", "n", "Many", "Medium", "Few", "ECE", "Paper top-1", "Δ", "Compute (min)"}
+BOARD_HEADERS = ["Rank", "Method", "Setup", "Lead", "Other", "n", "Many", "Medium", "Few", "ECE", "Paper top-1", "Paper ECE",
+                 "Δ", "Paper differs", "Compute (min)", "Date", "Commit"]
+NUMERIC = {"Rank", "Top-1", "Error", "n", "Many", "Medium", "Few", "ECE", "Paper top-1", "Paper ECE", "Δ",
+           "Compute (min)"}
 
 
 def has_ece(board: Board) -> bool:
@@ -484,11 +486,17 @@ def has_ece(board: Board) -> bool:
     return bool(board.rows["ece_mean"].notna().any())
 
 
+def has_paper_ece(board: Board) -> bool:
+    """Whether the paper a row is compared with reports an ECE for any row of the board."""
+    return bool(board.rows["paper_ece"].notna().any())
+
+
 def board_table(board: Board) -> tuple[list[str], list[list[str]]]:
     """The board as display strings; the leading metric first, ECE where the board has any."""
     lead = "Error" if board.metric == "error" else "Top-1"
     other = "Top-1" if board.metric == "error" else "Error"
-    shown = [h for h in BOARD_HEADERS if h != "ECE" or has_ece(board)]
+    optional = {"ECE": has_ece(board), "Paper ECE": has_paper_ece(board)}
+    shown = [h for h in BOARD_HEADERS if optional.get(h, True)]
     headers = [{"Lead": lead, "Other": other}.get(h, h) for h in shown]
     rows = []
     for (_, r), setup in zip(board.rows.iterrows(), setup_cells(board)):
@@ -498,7 +506,7 @@ def board_table(board: Board) -> tuple[list[str], list[list[str]]]:
                  "Lead": err if board.metric == "error" else top1, "Other": top1 if board.metric == "error" else err,
                  "n": str(r["n"]), "Many": fmt(r["many_mean"]), "Medium": fmt(r["medium_mean"]),
                  "Few": fmt(r["few_mean"]), "ECE": fmt_ece(r), "Paper top-1": fmt(r["paper"]),
-                 "Δ": fmt_delta(r["delta"]), "Paper differs": differs_names(r["paper_differs"]),
+                 "Paper ECE": fmt(r["paper_ece"]), "Δ": fmt_delta(r["delta"]), "Paper differs": differs_names(r["paper_differs"]),
                  "Compute (min)": fmt_minutes(r), "Date": r["date"], "Commit": r["commit"]}
         rows.append([cells[h] for h in shown])
     return headers, rows
@@ -511,8 +519,9 @@ def fmt_ece(row) -> str:
 def reference_table(board: Board) -> tuple[list[str], list[list[str]]]:
     """Every reference of this (dataset, rho), those of methods on the board first, with how each
     differs from our row of its method that it differs from least."""
-    headers = ["Method (paper)", "Variant", "Top-1", "Error", "Many", "Medium", "Few", "Protocol",
-               "Differs from ours", "Source"]
+    with_ece = any(ref.ece is not None for ref in board.references)
+    headers = ["Method (paper)", "Variant", "Top-1", "Error", "Many", "Medium", "Few", *(["ECE"] if with_ece else []),
+               "Protocol", "Differs from ours", "Source"]
     ours = board.rows.to_dict("records")
     on_board = set(board.rows["method"])
     rows = []
@@ -520,7 +529,8 @@ def reference_table(board: Board) -> tuple[list[str], list[list[str]]]:
         found = closest_differences(ref, ours)
         differs = "" if found is None else differs_text(found) or "same as ours"
         rows.append([ref.method, ref.variant or "", fmt(ref.top1), fmt(error_of(ref.top1)), fmt(ref.many),
-                     fmt(ref.medium), fmt(ref.few), ref.summary(), differs, ref.source])
+                     fmt(ref.medium), fmt(ref.few), *([fmt(ref.ece)] if with_ece else []), ref.summary(), differs,
+                     ref.source])
     return headers, rows
 
 
@@ -624,8 +634,12 @@ COLUMNS_NOTE = ("Setup: the backbone, then what differs between rows; \"τ chose
                 "trained together), a reused stage 1's included.")
 
 
+PAPER_ECE_NOTE = "Paper ECE: the calibration error the paper of \"Paper top-1\" reports beside it, where it does."
+
+
 def columns_note(board: Board) -> str:
-    return f"{ECE_NOTE} {COLUMNS_NOTE}" if has_ece(board) else COLUMNS_NOTE
+    notes = [ECE_NOTE] * has_ece(board) + [PAPER_ECE_NOTE] * has_paper_ece(board) + [COLUMNS_NOTE]
+    return " ".join(notes)
 
 
 def markdown_board(b: Board) -> str:
@@ -717,7 +731,7 @@ def render_latex(boards: list[Board]) -> str:
 def latex_board(b: Board) -> str:
     """One table; a paper number whose protocol differs from ours carries a note mark (a, b, ...)
     and the notes under the table say how."""
-    body, notes, with_ece = [], [], has_ece(b)
+    body, notes, with_ece, with_paper_ece = [], [], has_ece(b), has_paper_ece(b)
     for (_, r), setup in zip(b.rows.iterrows(), setup_cells(b)):
         paper = fmt(r["paper"])
         if r["paper_differs"]:
@@ -729,13 +743,15 @@ def latex_board(b: Board) -> str:
         body.append(" & ".join([latex_escape(r["method"]), latex_escape(setup),
                                 latex_mean_std(r["all_mean"], r["all_std"]), fmt(error_of(r["all_mean"])),
                                 fmt(r["many_mean"]), fmt(r["medium_mean"]), fmt(r["few_mean"]), *ece,
-                                str(r["n"]), paper, fmt_delta(r["delta"])]).replace("—", "--") + r" \\")
+                                str(r["n"]), paper, *([fmt(r["paper_ece"])] if with_paper_ece else []),
+                                fmt_delta(r["delta"])]).replace("—", "--") + r" \\")
     return "\n".join([
         "\\begin{table}[t]", "\\centering",
         f"\\caption{{{latex_escape(TASK)} on {latex_escape(b.title)} ($\\rho={b.rho:g}$), preset {latex_escape(b.preset)}"
-        f"{'; ECE: expected calibration error, 15 bins' if with_ece else ''}.}}",
-        f"\\begin{{tabular}}{{ll{'r' * (9 if with_ece else 8)}}}", "\\toprule",
-        f"Method & Setup & Top-1 & Error & Many & Medium & Few & {'ECE & ' if with_ece else ''}$n$ & Paper & $\\Delta$ \\\\",
+        f"{'; ECE: expected calibration error, 15 bins' if with_ece or with_paper_ece else ''}.}}",
+        f"\\begin{{tabular}}{{ll{'r' * (8 + with_ece + with_paper_ece)}}}", "\\toprule",
+        f"Method & Setup & Top-1 & Error & Many & Medium & Few & {'ECE & ' if with_ece else ''}$n$ & Paper & "
+        f"{'Paper ECE & ' if with_paper_ece else ''}$\\Delta$ \\\\",
         "\\midrule",
         *body, "\\bottomrule", "\\end{tabular}",
         *(["\\par\\smallskip\\footnotesize " + " \\\\\n".join(notes)] if notes else []),
@@ -788,7 +804,8 @@ def paper_reference(row: pd.Series) -> dict | None:
     if row["paper"] is None or pd.isna(row["paper"]):
         return None
     delta = None if row["delta"] is None or pd.isna(row["delta"]) else round(float(row["delta"]), 2)
-    return {"top1": row["paper"], "delta": delta, "source": row["paper_source"],
+    ece = {} if row["paper_ece"] is None or pd.isna(row["paper_ece"]) else {"ece": row["paper_ece"]}
+    return {"top1": row["paper"], **ece, "delta": delta, "source": row["paper_source"],
             "differs": [str(d) for d in row["paper_differs"]]}
 
 

@@ -38,13 +38,14 @@ class Reference:
     many: float | None = None
     medium: float | None = None
     few: float | None = None
+    ece: float | None = None        # expected calibration error (%), where the paper reports one
 
     @classmethod
     def from_entry(cls, entry: dict) -> "Reference":
         return cls(method=entry["method"], rho=float(entry["rho"]), top1=float(entry["top1"]),
                    source=entry.get("source", ""), protocol=dict(entry.get("protocol") or {}),
                    variant=entry.get("variant"), many=entry.get("many"), medium=entry.get("medium"),
-                   few=entry.get("few"))
+                   few=entry.get("few"), ece=entry.get("ece"))
 
     def stated(self, name: str):
         """The protocol's value for a field (UNSTATED: what an omitted tta or precision was)."""

@@ -398,6 +398,41 @@ def test_ece_is_shown_where_every_seed_of_a_row_measured_it_and_only_on_boards_t
     assert "ECE" not in rep.markdown_board(quick)
 
 
+def test_a_papers_ece_is_shown_beside_its_top1_where_it_reports_one(tmp_path):
+    doc = json.loads(json.dumps(BENCH))
+    refs = doc["benchmarks"]["cifar10-lt"]["references"]
+    refs.insert(0, {"method": "mislas", "rho": 10, "top1": 90.0, "ece": 1.2, "protocol": LDAM, "source": "MiSLAS"})
+    refs.insert(1, {"method": "mislas", "rho": 10, "top1": 87.6, "ece": 11.9, "protocol": LDAM,
+                    "variant": "stage 1 only (mixup)", "source": "MiSLAS"})
+    bench = tmp_path / "b.yaml"
+    bench.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    add_run(store, "m0", "mislas", 0, 89.0, ece=3.0)
+    add_run(store, "c0", "ce", 0, 88.0, ece=9.0)
+    add_run(store, "q0", "ce", 0, 80.0, preset="quick")
+    paper, quick = rep.build_boards(store, str(bench), plots=False)
+    headers, rows = rep.board_table(paper)
+    assert headers[9:13] == ["ECE", "Paper top-1", "Paper ECE", "Δ"]
+    assert row_of(headers, rows, "mislas")["Paper ECE"] == "1.20"   # the compared reference's, not stage 1's
+    assert row_of(headers, rows, "ce")["Paper ECE"] == "—"
+    assert "Paper ECE" not in rep.board_table(quick)[0]            # no reference of ce reports one
+    assert "Paper ECE: the calibration error" in rep.markdown_board(paper)
+    assert "Paper ECE" not in rep.markdown_board(quick)
+    ref_headers, ref_rows = rep.reference_table(paper)
+    assert [dict(zip(ref_headers, r))["ECE"] for r in ref_rows][:3] == ["1.20", "11.90", "—"]
+    plain = tmp_path / "plain.yaml"   # references without an ECE: no column for one
+    plain.write_text(yaml.safe_dump(BENCH, allow_unicode=True))
+    assert "ECE" not in rep.reference_table(rep.build_boards(store, str(plain), plots=False)[0])[0]
+    tex = rep.render_latex([paper]).splitlines()
+    header = next(line for line in tex if line.startswith("Method & Setup"))
+    assert "& Paper & Paper ECE & $\\Delta$" in header
+    mislas = next(line for line in tex if line.startswith("mislas &"))
+    assert mislas.count("&") == header.count("&") and mislas.endswith("& 90.00\\textsuperscript{a} & 1.20 & -1.00 \\\\")
+    pwc = json.loads(rep.render_pwc_json([paper]))[0]["datasets"][0]["sota"]["rows"]
+    assert {r["model_name"]: r["paper_reference"].get("ece") for r in pwc} == {"mislas": 1.2, "ce": None}
+    assert rep.board_frame([paper]).set_index("method").loc["mislas", "paper_ece"] == 1.2
+
+
 def test_failed_runs_are_not_reported(boards):
     bs, _, _ = boards
     assert all(r != 0.0 for b in bs for r in b.rows["all_mean"])
