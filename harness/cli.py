@@ -24,6 +24,18 @@ def parse_rho(text) -> float | str:
     return rho
 
 
+def parse_settings(values) -> dict:
+    """--set KEY=VALUE ..., each key once."""
+    from harness.config import parse_setting
+
+    settings = {}
+    for key, value in map(parse_setting, values):
+        if key in settings and settings[key] != value:
+            raise HarnessError(f"--set {key} is given twice ({settings[key]!r}, {value!r}); pass it once")
+        settings[key] = value
+    return settings
+
+
 def listed(values) -> list[str]:
     """An option's values, each of which may be a comma-separated list (--methods ce,crt), once each."""
     return list(dict.fromkeys(v for value in values for v in value.split(",") if v))
@@ -76,6 +88,9 @@ def override_options(command):
         click.option("--precision", type=click.Choice(["fp32", "bf16"]),
                      help="Forward passes in fp32 (as every official code) or bf16 autocast "
                           "[bf16 on CUDA, fp32 on the CPU]."),
+        click.option("--set", "settings", metavar="KEY=VALUE", multiple=True,
+                     help="Change one recipe value: --set stage1.weight_decay=5e-4 beta=0.999 (dotted keys as "
+                          "`harness list recipes` shows them). The board names the change and gives no Δ."),
     ]):
         command = option(command)
     return command
@@ -97,7 +112,7 @@ def cli() -> None:
 @override_options
 @click.option("--benchmarks", envvar="HARNESS_BENCHMARKS", help="benchmarks.yaml to use.")
 def run(method, dataset, rho, seeds, preset, epochs, device, data_root, download, db, generator, backbone,
-        val_per_class, precision, cache_dir, save_model, benchmarks, no_progress) -> None:
+        val_per_class, precision, settings, cache_dir, save_model, benchmarks, no_progress) -> None:
     """Train and evaluate METHOD on DATASET; store the result and print it."""
     from harness.runner import RunRequest, execute
 
@@ -105,7 +120,8 @@ def run(method, dataset, rho, seeds, preset, epochs, device, data_root, download
     req = RunRequest(method=method, dataset=dataset, rho=parse_rho(rho), seeds=seed_list, preset=preset, epochs=epochs,
                      device=device, data_root=data_root, download=download, db=db, generator=generator,
                      backbone=backbone, val_per_class=val_per_class, precision=precision, cache_dir=cache_dir,
-                     save_model=save_model, benchmarks=benchmarks, progress=not no_progress)
+                     save_model=save_model, benchmarks=benchmarks, progress=not no_progress,
+                     settings=parse_settings(settings))
     from harness.distributed import is_main
 
     results = execute(req)
@@ -138,7 +154,7 @@ def run(method, dataset, rho, seeds, preset, epochs, device, data_root, download
 @override_options
 def sweep(benchmarks, methods, datasets, rhos, seeds, preset, epochs, jobs, executor, address, dry_run, device,
           data_root, download, db, cache_dir, save_model, no_progress, generator, backbone, val_per_class,
-          precision) -> None:
+          precision, settings) -> None:
     """Run the grid of benchmarks.yaml (methods x datasets x rho x seeds), skipping runs already completed."""
     from harness.runner import RunRequest
     from harness.sweep import execute_sweep, plan
@@ -149,7 +165,8 @@ def sweep(benchmarks, methods, datasets, rhos, seeds, preset, epochs, jobs, exec
     base = RunRequest(method="", dataset="", rho=1.0, preset=preset, epochs=epochs, device=device,
                       data_root=data_root, download=download, db=db, cache_dir=cache_dir, save_model=save_model,
                       benchmarks=benchmarks, generator=generator, backbone=backbone, val_per_class=val_per_class,
-                      precision=precision, progress=not no_progress and jobs == 1 and executor == "local")
+                      precision=precision, settings=parse_settings(settings),
+                      progress=not no_progress and jobs == 1 and executor == "local")
     planned = plan(base, listed(methods), listed(datasets), list(dict.fromkeys(map(parse_rho, listed(rhos)))),
                    seed_list)
     rows = [[p.request.method, p.request.dataset, str(p.request.rho).removesuffix(".0"), " ".join(map(str, p.request.seeds)) or "—",
@@ -189,7 +206,7 @@ def sweep(benchmarks, methods, datasets, rhos, seeds, preset, epochs, jobs, exec
 @override_options
 @click.option("--benchmarks", envvar="HARNESS_BENCHMARKS", help="benchmarks.yaml to use.")
 def tune(method, dataset, rho, params, trials, preset, seeds, jobs, study, no_final, prune, epochs, device, data_root,
-         download, db, cache_dir, save_model, no_progress, generator, backbone, val_per_class, precision,
+         download, db, cache_dir, save_model, no_progress, generator, backbone, val_per_class, precision, settings,
          benchmarks) -> None:
     """Tune METHOD's hyper-parameters on the validation split (Optuna TPE); train the chosen
     values with the seeds as preset `tuned`. The study lives in the results store's database."""
@@ -200,7 +217,7 @@ def tune(method, dataset, rho, params, trials, preset, seeds, jobs, study, no_fi
                      preset=preset, epochs=epochs, device=device, data_root=data_root, download=download, db=db,
                      cache_dir=cache_dir, save_model=save_model, generator=generator, backbone=backbone,
                      val_per_class=val_per_class, precision=precision, benchmarks=benchmarks,
-                     progress=not no_progress)
+                     progress=not no_progress, settings=parse_settings(settings))
     result = run_tune(TuneRequest(run=run, params=list(params), trials=trials, study=study, jobs=jobs,
                                   final=not no_final, prune=prune), report=click.echo)
     for run_id, metrics in zip(result.get("runs", []), result.get("results", [])):

@@ -249,10 +249,13 @@ class RunConfig:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def resolve(doc: dict, **choices) -> RunConfig:
-    """The full configuration of one run (`resolved`), with what its recipe changes of the
-    shipped benchmarks.yaml's where `doc` is another file."""
+def resolve(doc: dict, *, settings: dict | None = None, **choices) -> RunConfig:
+    """The full configuration of one run (`resolved`) with the command line's recipe settings
+    (`--set`), and what its recipe changes of the shipped benchmarks.yaml's, where `doc` is
+    another file or settings change it."""
     cfg = resolved(doc, **choices)
+    if settings:
+        cfg = with_settings(cfg, settings, f"{doc['_path']}: {cfg.dataset} / {cfg.method}")
     return replace(cfg, recipe_changes=shipped_changes(doc, cfg, choices))
 
 
@@ -323,17 +326,19 @@ MISSING = object()   # a key one config has and the other lacks
 
 
 def shipped_changes(doc: dict, cfg: RunConfig, choices: dict) -> str | None:
-    """What `cfg`, resolved from a benchmarks file other than the shipped one (--benchmarks,
-    HARNESS_BENCHMARKS: an ablation's copy), changes of the shipped file's config for the same
-    choices, as "key value (shipped value)" in key order; None where nothing changes, or where the
-    shipped file has no recipe to hold it against (a dataset of its own). Deviations are words, not
-    training: not compared."""
-    if Path(doc["_path"]).resolve() == SHIPPED_BENCHMARKS or not SHIPPED_BENCHMARKS.is_file():
-        return None
+    """What `cfg` (resolved from a benchmarks file other than the shipped one: --benchmarks,
+    HARNESS_BENCHMARKS, an ablation's copy; or with --set) changes of the shipped file's config
+    for the same choices, as "key value (shipped value)" in key order; None where nothing
+    changes. Where the shipped file has no recipe to hold it against (a dataset of its own), the
+    baseline is `doc`'s own, "key value (was value)": what --set changed. Deviations are words,
+    not training: not compared."""
+    baseline, label = doc, "shipped"
+    if SHIPPED_BENCHMARKS.is_file() and Path(doc["_path"]).resolve() != SHIPPED_BENCHMARKS:
+        baseline = read_once(SHIPPED_BENCHMARKS, SHIPPED_BENCHMARKS.stat().st_mtime_ns)
     try:
-        shipped = resolved(read_once(SHIPPED_BENCHMARKS, SHIPPED_BENCHMARKS.stat().st_mtime_ns), **choices)
+        shipped = resolved(baseline, **choices)
     except HarnessError:
-        return None
+        shipped, label = resolved(doc, **choices), "was"
 
     def compared(c: RunConfig) -> dict:
         setup = {k: v for k, v in c.to_dict().items() if k not in ("seed", "recipe")}
@@ -342,7 +347,7 @@ def shipped_changes(doc: dict, cfg: RunConfig, choices: dict) -> str | None:
     ours, theirs = compared(cfg), compared(shipped)
     changed = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k, MISSING) != theirs.get(k, MISSING))
     shown = lambda value: json.dumps(value) if value is not MISSING else "—"  # noqa: E731
-    return ", ".join(f"{k} {shown(ours.get(k, MISSING))} (shipped {shown(theirs.get(k, MISSING))})"
+    return ", ".join(f"{k} {shown(ours.get(k, MISSING))} ({label} {shown(theirs.get(k, MISSING))})"
                      for k in changed) or None
 
 
@@ -405,8 +410,13 @@ def flat(mapping: dict, prefix: str = "") -> dict:
 
 
 def recipe_keys(recipe: dict) -> set[str]:
-    """The dotted keys of a recipe's values (not of its mappings): stage1.weight_decay, beta, ..."""
-    return set(flat(recipe))
+    """The dotted keys of the values a run trains with (not of mappings, nor the words that say
+    what the paper trains: deviations, paper_epochs): stage1.weight_decay, beta, ..."""
+    return {key for key in flat(recipe) if not describes_the_paper(key)}
+
+
+def describes_the_paper(key: str) -> bool:
+    return key == "deviations" or key.endswith(".paper_epochs")
 
 
 def with_overrides(cfg: RunConfig, overrides: dict, where: str) -> RunConfig:
@@ -424,6 +434,51 @@ def with_overrides(cfg: RunConfig, overrides: dict, where: str) -> RunConfig:
         node[last] = value
     check_recipe(recipe, f"{where} with {overrides}")
     return replace(cfg, recipe=recipe)
+
+
+def parse_setting(text: str) -> tuple[str, object]:
+    """--set KEY=VALUE: the dotted recipe key and its value, a JSON value (5e-4, true, [1, 2])
+    or else the text itself (cosine)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or not raw.strip():
+        raise HarnessError(f"--set takes KEY=VALUE, got '{text}'; pass e.g. --set stage1.weight_decay=5e-4")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw.strip()
+    return key.strip(), value
+
+
+def with_settings(cfg: RunConfig, settings: dict, where: str) -> RunConfig:
+    """The config with the command line's recipe values (--set), each of the type the recipe
+    holds there; the stage-1 budget is --epochs' (it scales the schedule with it)."""
+    if "stage1.epochs" in settings:
+        raise HarnessError("--set cannot change stage1.epochs; pass --epochs N (the schedule scales with it)")
+    words = [key for key in settings if describes_the_paper(key)]
+    if words:
+        raise HarnessError(f"--set {words[0]}: it says what the paper trains, not what this run trains; "
+                           "pass a key the run trains with")
+    current = flat(cfg.recipe)
+    for key, value in settings.items():
+        if key in current and not same_kind(current[key], value):
+            raise HarnessError(f"--set {key}={json.dumps(value)}: the recipe holds {json.dumps(current[key])} "
+                               f"there; pass a value of that kind")
+    cfg = with_overrides(cfg, settings, where)
+    check_epochs(cfg.recipe, f"{where} with --set")
+    return cfg
+
+
+def same_kind(held, value) -> bool:
+    """Whether `value` may replace `held` in a recipe: a number for a number (check_recipe wants
+    whole ones where it counts), a flag for a flag, text for text, a list for a list; anything
+    for null."""
+    if held is None:
+        return True
+    if isinstance(held, bool) or isinstance(value, bool):
+        return isinstance(held, bool) and isinstance(value, bool)
+    if isinstance(held, Real):
+        return isinstance(value, Real)
+    return isinstance(value, type(held))
 
 
 def has_key(recipe: dict, dotted: str) -> bool:

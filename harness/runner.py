@@ -53,7 +53,10 @@ class RunRequest:
     benchmarks: str | None = None
     progress: bool = True
     study: str | None = None      # set for the trials of `harness tune`: stored, never ranked
-    overrides: dict = field(default_factory=dict)   # dotted recipe key -> value (a tuning trial's)
+    # dotted recipe key -> value: the command line's --set (recorded as what it changes of the
+    # shipped recipe, named on the board) and a tuning trial's (its preset says it was tuned)
+    settings: dict = field(default_factory=dict)
+    overrides: dict = field(default_factory=dict)
     preset_label: str | None = None                 # the preset name stored (`tuned`), its budget `preset`'s
     extra: dict = field(default_factory=dict)       # provenance stored with the runs (a trial's, a tuning's)
     # after every training epoch: (run id, epoch counted over both stages, val top-1); it may
@@ -96,7 +99,8 @@ def prepare(req: RunRequest, seed: int) -> tuple[Method, object, RunConfig]:
                   epochs=req.epochs, generator=generator, backbone=req.backbone,
                   val_per_class=req.val_per_class,
                   method_default_recipe=getattr(method, "default_recipe", None),
-                  default_augmentation=getattr(spec, "augmentation", "crop+flip"), precision=asked_precision(req))
+                  default_augmentation=getattr(spec, "augmentation", "crop+flip"), precision=asked_precision(req),
+                  settings=req.settings)
     if req.overrides:
         cfg = with_overrides(cfg, req.overrides, f"{req.dataset} / {req.method}")
     if req.preset_label:

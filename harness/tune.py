@@ -110,8 +110,14 @@ def search_space(req: TuneRequest) -> list[Dimension]:
     from harness.registry import METHODS
 
     method = METHODS.get(req.run.method)
-    space = {key: Dimension.parse(f"{key}={text}") for key, text in getattr(method, "tunables", {}).items()}
-    space.update({d.key: d for d in map(Dimension.parse, req.params)})
+    fixed = req.run.settings   # --set: held at its value, not searched
+    space = {key: Dimension.parse(f"{key}={text}") for key, text in getattr(method, "tunables", {}).items()
+             if key not in fixed}
+    asked = {d.key: d for d in map(Dimension.parse, req.params)}
+    both = [key for key in asked if key in fixed]
+    if both:
+        raise HarnessError(f"{', '.join(both)} is both searched (--param) and fixed (--set); pass it to one of them")
+    space.update(asked)
     if not space:
         raise HarnessError(f"{req.run.method} declares no search space; pass --param KEY=SPACE "
                            "(e.g. stage1.weight_decay=loguniform(1e-4,5e-2))")
@@ -133,11 +139,13 @@ def study_name(req: TuneRequest, space: list[Dimension]) -> str:
     if req.study:
         return req.study
     r = req.run
-    # a benchmark default overridden (backbone, generator, validation split, precision) is another
-    # study; without overrides the name is what it always was, so stored studies resume
+    # a benchmark default overridden (backbone, generator, validation split, precision, a recipe
+    # value --set) is another study; without overrides the name is what it always was, so stored
+    # studies resume
     overridden = [[k, v] for k, v in (("generator", r.generator), ("backbone", r.backbone),
                                        ("val_per_class", r.val_per_class), ("precision", asked_precision(r)))
                   if v is not None]
+    overridden += [["set", key, value] for key, value in sorted(r.settings.items())]
     digest = hashlib.sha256(json.dumps([[d.key, d.text] for d in space] + overridden).encode()).hexdigest()[:8]
     rho = r.rho if r.rho == "natural" else f"{float(r.rho):g}"
     return f"{r.method}-{r.dataset}-rho{rho}-{r.preset}-seed{r.seeds[0]}-{digest}"

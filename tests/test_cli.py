@@ -1,4 +1,6 @@
 """The command line as a user meets it: subprocesses, real exit codes, real stores."""
+import csv
+import io
 import json
 import os
 import sqlite3
@@ -181,6 +183,30 @@ def test_run_list_show_roundtrip(tmp_path, env):
         [(c.class_name, c.train_count, c.accuracy) for c in sorted(stored.class_metrics, key=lambda c: c.class_index)]
     losses = [c["value"] for c in as_json["curves"] if c["kind"] == "train_loss" and c["split"] == "stage1"]
     assert len(losses) == stored.config["recipe"]["stage1"]["epochs"] and all(v > 0 for v in losses)
+
+
+def test_set_trains_with_the_value_and_the_board_names_the_change(tmp_path, env):
+    env, _ = plugin_env(tmp_path, env)
+    common = ["run", "--method", "ce", "--dataset", "synth-lt", "--rho", "100", "--preset", "quick", "--device", "cpu",
+              "--no-progress"]
+    for bad, message in [("stage1.weight_decay", "--set takes KEY=VALUE"),
+                         ("stage1.weight_decay=big", "the recipe holds 0.0005 there"),
+                         ("stage1.wd=1e-3", "synth-lt / ce; keys: augmentation, stage1.batch_size, stage1.epochs, "
+                                            "stage1.lr, stage1.momentum, stage1.schedule.kind")]:
+        out = harness(*common, "--set", bad, env=env, cwd=tmp_path)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1 and message in lines[0], out.stderr
+    assert not (tmp_path / "results.db").exists()
+    out = harness(*common, "--set", "stage1.weight_decay=1e-3", "stage1.lr=0.02", env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    [run] = Store(env["HARNESS_DB"]).list_runs()
+    assert (run.config["recipe"]["stage1"]["weight_decay"], run.config["recipe"]["stage1"]["lr"]) == (0.001, 0.02)
+    assert run.extra["recipe_changes"] == "stage1.lr 0.02 (was 0.05), stage1.weight_decay 0.001 (was 0.0005)"
+    plain = harness(*common, env=env, cwd=tmp_path)   # the file's recipe: another config, another row
+    assert plain.returncode == 0 and len(Store(env["HARNESS_DB"]).list_runs()) == 2
+    board = harness("report", "--format", "csv", env=env, cwd=tmp_path)
+    setups = {row["recipe"] for row in csv.DictReader(io.StringIO(board.stdout))}
+    assert setups == {"", "stage1.lr 0.02 (was 0.05), stage1.weight_decay 0.001 (was 0.0005)"}, board.stdout
 
 
 def test_db_merge_command(tmp_path, env):

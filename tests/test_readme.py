@@ -63,6 +63,8 @@ def test_readme_command_runs_as_written(command, tmp_path, monkeypatch, capsys):
         [req] = requests
         req = req if argv[0] == "run" else req.run
         assert req.seeds == (written or [0])
+        if "--set" in argv:   # its value parsed as the number it is, not as text
+            assert req.settings == {"stage1.weight_decay": 0.001}, req.settings
     if argv[0] == "sweep" and written:
         planned_seeds = {s for p in requests for s in p.request.seeds + p.skipped_seeds}
         assert planned_seeds == set(written), f"{command} planned seeds {planned_seeds}"

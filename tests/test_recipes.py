@@ -195,6 +195,42 @@ def test_a_copy_of_benchmarks_yaml_records_what_its_recipe_changes_of_the_shippe
     assert with_overrides(changed, {"stage2.weight_decay": 0.2}, "wb").recipe_changes == changed.recipe_changes
 
 
+def test_set_changes_a_recipe_value_and_records_it_as_a_copy_of_benchmarks_yaml_would(tmp_path):
+    """--set stage1.weight_decay=1e-3 is the ablation copy above without the copy: the same
+    recipe, hash and record; a value of another kind, an unknown key, the stage-1 budget or a
+    milestone past its stage is refused before anything runs."""
+    from harness import HarnessError
+    from harness.config import parse_setting
+
+    assert [parse_setting(t) for t in ("stage1.weight_decay=1e-3", "stage1.nesterov=true", "variant=focal",
+                                       "x=[1, 2]")] == \
+        [("stage1.weight_decay", 0.001), ("stage1.nesterov", True), ("variant", "focal"), ("x", [1, 2])]
+    for bad in ("stage1.weight_decay", "=1", "beta="):
+        with pytest.raises(HarnessError, match="--set takes KEY=VALUE"):
+            parse_setting(bad)
+    args = dict(method="wb", dataset="cifar100-lt", rho=100.0, seed=0, preset="quick", epochs=5)
+    text = Path("benchmarks.yaml").read_text()
+    ablation = tmp_path / "ablation.yaml"
+    ablation.write_text(text.replace("    weight_decay: 5.0e-3\n", "    weight_decay: 1.0e-3\n"))
+    by_copy = resolve(load_benchmarks(ablation), **args)
+    by_set = resolve(DOC, settings={"stage1.weight_decay": 0.001}, **args)
+    assert by_set.recipe == by_copy.recipe and by_set.config_hash() == by_copy.config_hash()
+    assert by_set.recipe_changes == by_copy.recipe_changes == "stage1.weight_decay 0.001 (shipped 0.005)"
+    on_the_copy = resolve(load_benchmarks(ablation), settings={"stage2.lr": 0.05}, **args)
+    assert on_the_copy.recipe_changes == "stage1.weight_decay 0.001 (shipped 0.005), stage2.lr 0.05 (shipped 0.01)"
+    for settings, message in [({"stage1.weight_decay": "high"}, "the recipe holds 0.005 there"),
+                              ({"stage1.nesterov": 1}, "not in the recipe"),
+                              ({"stage1.momentum": True}, "the recipe holds 0.9 there"),
+                              ({"stage1.epochs": 10}, "pass --epochs N"),
+                              ({"stage1.batch_size": 64.5}, "batch_size must be an integer"),
+                              ({"stage1.paper_epochs": 100}, "says what the paper trains"),
+                              ({"deviations": []}, "says what the paper trains")]:
+        with pytest.raises(HarnessError, match=message):
+            resolve(DOC, settings=settings, **args)
+    with pytest.raises(HarnessError, match=r"stage1.drw_epoch 7 is not an epoch of stage1.s 0 ... 4"):   # never acts
+        resolve(DOC, settings={"stage1.drw_epoch": 7}, **{**args, "method": "ce_drw"})
+
+
 def test_fbl_curriculum_keeps_its_shape_on_a_shorter_budget():
     """Full strength at epoch 190 of 200 (the official T - 10); a preset scales it as it scales the
     schedule's epochs: the quick Fashion-MNIST-LT run reached c = (39/30)^2 = 1.69 in its last

@@ -169,14 +169,25 @@ def test_an_override_of_the_benchmark_makes_another_study_and_the_default_keeps_
     assert tune_mod.study_name(req, space) == f"wb-synth-lt-rho100-quick-seed0-{digest}"   # stored studies resume
     names = {tune_mod.study_name(request(synth), space)}
     for override in ({"generator": "first"}, {"backbone": "resnet32"}, {"val_per_class": 3}, {"val_per_class": 0},
-                     {"precision": "bf16"}):
+                     {"precision": "bf16"}, {"settings": {"beta": 0.999}}, {"settings": {"beta": 0.99}}):
         other = request(synth)
         other.run.__dict__.update(override)
         names.add(tune_mod.study_name(other, space))
-    assert len(names) == 6
+    assert len(names) == 8
     fp32 = request(synth)
     fp32.run.__dict__.update(precision="fp32")   # the CPU's default by name: the default's study
     assert fp32.run.device == "cpu" and tune_mod.study_name(fp32, space) == tune_mod.study_name(req, space)
+
+
+def test_a_value_fixed_with_set_leaves_the_declared_space_and_cannot_also_be_searched(synth):
+    """WB declares stage-1 wd, stage-2 wd and the MaxNorm threshold: --set holds one of them, the
+    search tunes the others on a recipe that has the fixed value."""
+    req = request(synth, params=[])
+    req.run.settings = {"stage1.weight_decay": 0.001}
+    assert [d.key for d in tune_mod.search_space(req)] == ["stage2.weight_decay", "maxnorm_thresh"]
+    req.run.settings = {"maxnorm_thresh": 0.2}
+    with pytest.raises(HarnessError, match="maxnorm_thresh is both searched .--param. and fixed .--set."):
+        tune_mod.search_space(TuneRequest(run=req.run, params=["maxnorm_thresh=uniform(0,0.5)"]))
 
 
 def test_a_search_without_a_validation_split_is_refused_before_a_trial_trains(synth, tmp_path, monkeypatch):
