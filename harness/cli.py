@@ -89,8 +89,8 @@ def override_options(command):
                      help="Forward passes in fp32 (as every official code) or bf16 autocast "
                           "[bf16 on CUDA, fp32 on the CPU]."),
         click.option("--set", "settings", metavar="KEY=VALUE", multiple=True,
-                     help="Change one recipe value: --set stage1.weight_decay=5e-4 beta=0.999 (dotted keys as "
-                          "`harness list recipes` shows them). The board names the change and gives no Δ."),
+                     help="Change one recipe value: --set stage1.weight_decay=5e-4 beta=0.999 (a dotted key of the "
+                          "recipe, which a wrong key's error lists). The board names the change and gives no Δ."),
     ]):
         command = option(command)
     return command
