@@ -90,7 +90,8 @@ def override_options(command):
                           "[bf16 on CUDA, fp32 on the CPU]."),
         click.option("--set", "settings", metavar="KEY=VALUE", multiple=True,
                      help="Change one recipe value: --set stage1.weight_decay=5e-4 beta=0.999 (a dotted key of the "
-                          "recipe, which a wrong key's error lists). The board names the change and gives no Δ."),
+                          "recipe: `harness list recipes --dataset D --method M`). The board names the change "
+                          "and gives no Δ."),
     ]):
         command = option(command)
     return command
@@ -297,26 +298,33 @@ def delete_(run_ids, url, running, yes) -> None:
 @click.option("--db", envvar="HARNESS_DB", help="SQLAlchemy URL of the results store.")
 @click.option("--names", is_flag=True, help="Names only (run ids for runs), one per line (for scripts).")
 @click.option("--dataset", help="recipes, runs: only this dataset's.")
-@click.option("--method", help="runs: only this method's.")
+@click.option("--method", help="recipes, runs: only this method's (recipes: with --dataset, its keys and values).")
 @click.option("--status", type=click.Choice(["running", "completed", "failed"]), help="runs: only these.")
 @click.option("--benchmarks", envvar="HARNESS_BENCHMARKS", help="recipes: the benchmarks.yaml to read.")
 def list_(what: str, db: str | None, names: bool, dataset: str | None, method: str | None, status: str | None,
           benchmarks: str | None) -> None:
     """List registered methods, datasets, each dataset's recipes (with what they do not
     follow of the official code), or stored runs (in the order they started)."""
-    if (method or status) and what != "runs":
-        raise HarnessError("--method and --status choose among runs: `harness list runs --method ...`")
+    if status and what != "runs":
+        raise HarnessError("--status chooses among runs: `harness list runs --status ...`")
+    if method and what not in ("runs", "recipes"):
+        raise HarnessError("--method chooses among runs and recipes: `harness list runs --method ...`")
     from harness.registry import DATASETS, METHODS
 
     if what == "recipes":
-        from harness.config import benchmark, load_benchmarks, recipe_rows
+        from harness.config import benchmark, load_benchmarks, recipe_rows, recipe_values
 
         doc = load_benchmarks(benchmarks)
         if dataset:
             benchmark(doc, dataset)  # an unknown dataset fails with the known ones
-        click.echo(tabulate(recipe_rows(doc, dataset), headers=["dataset", "method", "backbone", "stage 1", "stage 2",
-                                                                "augmentation", "per rho", "not followed"],
+        values = recipe_values(doc, dataset, method) if dataset and method else None
+        click.echo(tabulate(recipe_rows(doc, dataset, method), headers=["dataset", "method", "backbone", "stage 1",
+                                                                        "stage 2", "augmentation", "per rho",
+                                                                        "not followed"],
                             tablefmt="github", disable_numparse=True))
+        if values:   # what --set changes, as written (a ratio's values are under "per rho")
+            click.echo("\n" + tabulate(values, headers=["key (--set KEY=VALUE)", "value"], tablefmt="github",
+                                       disable_numparse=True))
     elif names and what != "runs":
         click.echo("\n".join((METHODS if what == "methods" else DATASETS).names()))
     elif what == "methods":

@@ -381,21 +381,34 @@ def describe_stage(stage: dict | None) -> str:
                       f"wd {stage.get('weight_decay')}", kind, *extra])
 
 
-def recipe_rows(doc: dict, dataset: str | None = None) -> list[list[str]]:
+def recipe_rows(doc: dict, dataset: str | None = None, method: str | None = None) -> list[list[str]]:
     """Every (dataset, method) recipe of benchmarks.yaml, with what it does not follow of the
     official code (`deviations`) and its per-ratio overrides."""
     rows = []
     for name, bench in doc["benchmarks"].items():
         if dataset and name != dataset:
             continue
-        for method, recipe in (bench.get("methods") or {}).items():
+        for method_name, recipe in (bench.get("methods") or {}).items():
+            if method and method_name != method:
+                continue
             per_rho = "; ".join(f"{rho}: " + ", ".join(f"{k} {v}" for k, v in sorted(flat(over).items()))
                                 for rho, over in (recipe.get("by_rho") or {}).items())
-            rows.append([name, method, recipe.get("backbone", bench.get("backbone", "")),
+            rows.append([name, method_name, recipe.get("backbone", bench.get("backbone", "")),
                          describe_stage(recipe.get("stage1")), describe_stage(recipe.get("stage2")),
                          recipe.get("augmentation", bench.get("augmentation", "dataset default")),
                          per_rho or "—", "; ".join(deviations_of(recipe)) or "—"])
     return rows
+
+
+def recipe_values(doc: dict, dataset: str, method: str) -> list[list[str]]:
+    """A method's recipe on a dataset as written (before a ratio's overrides and a preset's
+    scaling), one dotted key per row: the keys `--set KEY=VALUE` changes."""
+    methods = benchmark(doc, dataset).get("methods") or {}
+    if method not in methods:
+        raise HarnessError(f"{dataset} has no recipe for '{method}' in {doc['_path']}; "
+                           f"its recipes: {', '.join(methods) or 'none'}")
+    recipe = {k: v for k, v in methods[method].items() if k not in ("by_rho", "backbone")}
+    return [[key, json.dumps(value)] for key, value in sorted(flat(recipe).items()) if not describes_the_paper(key)]
 
 
 def flat(mapping: dict, prefix: str = "") -> dict:

@@ -209,6 +209,17 @@ def test_set_trains_with_the_value_and_the_board_names_the_change(tmp_path, env)
     assert setups == {"", "stage1.lr 0.02 (was 0.05), stage1.weight_decay 0.001 (was 0.0005)"}, board.stdout
 
 
+def test_list_recipes_of_one_method_shows_its_keys(tmp_path, env):
+    out = harness("list", "recipes", "--dataset", "cifar100-lt", "--method", "wb", env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    table, keys = out.stdout.split("\n\n")
+    assert [line.split("|")[2].strip() for line in table.splitlines()[2:]] == ["wb"]
+    assert "| stage1.weight_decay     | 0.005 " in keys and "| maxnorm_thresh          | 0.1 " in keys
+    missing = harness("list", "recipes", "--dataset", "cifar100-lt", "--method", "nope", env=env, cwd=tmp_path)
+    assert missing.returncode == 2 and "cifar100-lt has no recipe for 'nope'" in missing.stderr
+    assert "its recipes: ce, crt, lws" in missing.stderr
+
+
 def test_db_merge_command(tmp_path, env):
     from tests.test_store import finished_store
 

@@ -231,6 +231,25 @@ def test_set_changes_a_recipe_value_and_records_it_as_a_copy_of_benchmarks_yaml_
         resolve(DOC, settings={"stage1.drw_epoch": 7}, **{**args, "method": "ce_drw"})
 
 
+@pytest.mark.parametrize("dataset,method", [("cifar100-lt", "wb"), ("cifar10-lt", "mislas"), ("fmnist-lt", "cb_loss")])
+def test_the_keys_list_recipes_prints_are_the_ones_set_takes(dataset, method):
+    """`harness list recipes --dataset D --method M` lists the recipe's keys with their values;
+    each (but the stage-1 budget, --epochs') can be --set, and to its own value changes nothing."""
+    import json
+
+    from harness.config import recipe_values
+
+    values = dict(recipe_values(DOC, dataset, method))
+    assert "deviations" not in values and not any(k.endswith("paper_epochs") for k in values)
+    rho = float(DOC["benchmarks"][dataset]["rhos"][0])
+    plain = resolve(DOC, method=method, dataset=dataset, rho=rho, seed=0, preset="paper")
+    for key, text in values.items():
+        if key != "stage1.epochs":
+            same = resolve(DOC, method=method, dataset=dataset, rho=rho, seed=0, preset="paper",
+                           settings={key: json.loads(text)})
+            assert same.config_hash() == plain.config_hash() and same.recipe_changes is None, key
+
+
 def test_fbl_curriculum_keeps_its_shape_on_a_shorter_budget():
     """Full strength at epoch 190 of 200 (the official T - 10); a preset scales it as it scales the
     schedule's epochs: the quick Fashion-MNIST-LT run reached c = (39/30)^2 = 1.69 in its last
