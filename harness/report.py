@@ -629,8 +629,8 @@ ECE_NOTE = ("ECE: expected calibration error on test (%, lower is better, not ra
             "bins); \"—\" where it was not measured: NCM's distances are not logits, and runs stored before it "
             "was kept none.")
 COLUMNS_NOTE = ("Setup: the backbone, then what differs between rows; \"τ chosen on test\" (a run without a "
-                "validation split) is an oracle; \"recipe …\" names what a copy of benchmarks.yaml changed of the "
-                "shipped recipe. Compute: minutes per seed (its share where seeds "
+                "validation split) is an oracle; \"recipe …\" names what a copy of benchmarks.yaml or --set changed "
+                "of the shipped recipe. Compute: minutes per seed (its share where seeds "
                 "trained together), a reused stage 1's included.")
 
 

@@ -223,7 +223,7 @@ def out_of_memory_text(exc: Exception, where: str, cfg: RunConfig, seeds: int, p
     asked = ". ".join(str(exc).split(". ")[:2])     # "CUDA out of memory. Tried to allocate 2.00 GiB"
     fixes = [*(["fewer --seeds per command (they train at once)"] if seeds > 1 else []),
              *(["--precision bf16"] if precision == "fp32" else []),
-             "a smaller batch_size in a copy of benchmarks.yaml (--benchmarks)",
+             f"a smaller batch (--set stage1.batch_size={max(1, cfg.recipe['stage1']['batch_size'] // 2)})",
              "spreading each batch over GPUs with torchrun"]
     return f"{asked} on {where}, training {cfg.backbone}; try {', '.join(fixes[:-1])} or {fixes[-1]}"
 

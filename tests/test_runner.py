@@ -331,7 +331,7 @@ def test_running_out_of_gpu_memory_is_one_line_naming_the_fixes(synth, monkeypat
     message = str(caught.value)
     assert message.startswith("CUDA out of memory. Tried to allocate 2.00 GiB on cpu (")
     assert message.endswith("; try fewer --seeds per command (they train at once), --precision bf16, a smaller "
-                            "batch_size in a copy of benchmarks.yaml (--benchmarks) or spreading each batch over "
+                            "batch (--set stage1.batch_size=16) or spreading each batch over "
                             "GPUs with torchrun") and "\n" not in message
     rows = Store(synth).list_runs()
     assert [r.status for r in rows] == ["failed", "failed"] and {r.error for r in rows} == {message}
