@@ -108,18 +108,37 @@ def group_accuracies(per_class_acc: np.ndarray, train_counts: list[int]) -> dict
 ECE_BINS = 15   # MiSLAS's (utils/metric.py, `calibration`), as the LTR papers after it report ECE
 
 
-def calibration_error(probs: torch.Tensor, target: torch.Tensor) -> float | None:
-    """Expected calibration error in percent, as MiSLAS measures it: each image's confidence (its
-    top softmax probability) falls in one of 15 equal-width bins, each closed on the right; ECE is
-    the image-weighted mean over bins of |accuracy − mean confidence|. None without images."""
-    if len(target) == 0:
-        return None
+@dataclass(frozen=True)
+class ConfidenceBin:
+    """One of the 15 equal-width confidence bins, ((index − 1)/15, index/15], with images in it."""
+    index: int              # 1 ... 15
+    images: int
+    accuracy: float         # of its images, a fraction
+    confidence: float       # their mean top probability
+
+    @property
+    def centre(self) -> float:
+        return (self.index - 0.5) / ECE_BINS
+
+
+def confidence_bins(probs: torch.Tensor, target: torch.Tensor) -> list[ConfidenceBin]:
+    """The images by confidence (top softmax probability) in MiSLAS's 15 equal-width bins, each
+    closed on the right (np.digitize(..., right=True)): the bins that hold images, in order. The
+    reliability diagram's points, and ECE's terms."""
     confidence, pred = probs.max(1)
     confidence = confidence.double().cpu().numpy()
     correct = (pred == target).cpu().numpy()
     bins = np.digitize(confidence, np.linspace(0.0, 1.0, ECE_BINS + 1), right=True)
-    gaps = [abs(correct[bins == b].mean() - confidence[bins == b].mean()) * (bins == b).sum()
-            for b in np.unique(bins)]
+    return [ConfidenceBin(int(b), int((bins == b).sum()), float(correct[bins == b].mean()),
+                          float(confidence[bins == b].mean())) for b in np.unique(bins)]
+
+
+def calibration_error(probs: torch.Tensor, target: torch.Tensor) -> float | None:
+    """Expected calibration error in percent, as MiSLAS measures it: the image-weighted mean over
+    the confidence bins of |accuracy − mean confidence|. None without images."""
+    if len(target) == 0:
+        return None
+    gaps = [abs(b.accuracy - b.confidence) * b.images for b in confidence_bins(probs, target)]
     return float(sum(gaps) / len(target) * 100.0)
 
 

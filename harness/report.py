@@ -22,7 +22,8 @@ from tabulate import tabulate
 from harness import HarnessError
 from harness.config import load_benchmarks
 from harness.formatting import fmt
-from harness.report_plots import (PER_CLASS, TAU_SWEEP, TUNING, WEIGHT_NORMS, PlotCache, PlotJob, Rendering,
+from harness.report_plots import (PER_CLASS, RELIABILITY, TAU_SWEEP, TUNING, WEIGHT_NORMS, PlotCache, PlotJob,
+                                  Rendering,
                                   data_uri, default_cache)
 from harness.report_protocol import (DEFAULT_AUGMENTATION, SETUP, Reference, closest_differences, compare,
                                      our_protocol, readable)
@@ -36,7 +37,7 @@ ROW_KEY = ["method", *SETUP]       # a board row: one method on one setup
 RANKED = and_(Run.status == "completed", Run.study.is_(None))
 # a study's chosen setting, retrained: preset tuned, or <preset>-tuned for another budget (harness.tune)
 TUNED_PRESETS = or_(Run.preset == "tuned", Run.preset.like("%-tuned"))
-PLOT_ORDER = (PER_CLASS, WEIGHT_NORMS, TAU_SWEEP, TUNING)
+PLOT_ORDER = (PER_CLASS, WEIGHT_NORMS, RELIABILITY, TAU_SWEEP, TUNING)
 
 
 # ---------------------------------------------------------------- loading
@@ -131,12 +132,13 @@ def load_class_means(store: Store, only: Selection = EVERY_BOARD) -> pd.DataFram
         return pd.read_sql(query, con)
 
 
-def load_tau_sweeps(store: Store, only: Selection = EVERY_BOARD) -> pd.DataFrame:
-    """Per board and setup, the τ sweep (split, group, τ -> accuracy) averaged over its counted runs."""
+def load_curves(store: Store, kind: str, only: Selection = EVERY_BOARD) -> pd.DataFrame:
+    """Per board and row, a curve (split, group, x -> value) averaged over its counted runs: the
+    τ sweep ("tau_sweep"), the test reliability diagram ("reliability", where the runs have one)."""
     counted = counted_runs(only)
     keys = (*(counted.c[k] for k in BOARD_KEY + ROW_KEY), CurvePoint.split, CurvePoint.group, CurvePoint.x)
     query = (select(*keys, func.avg(CurvePoint.value).label("value"))
-             .join(counted, counted.c.id == CurvePoint.run_id).where(CurvePoint.kind == "tau_sweep")
+             .join(counted, counted.c.id == CurvePoint.run_id).where(CurvePoint.kind == kind)
              .group_by(*keys).order_by(*keys))
     with store.engine.connect() as con:
         return pd.read_sql(query, con)
@@ -386,15 +388,21 @@ def compare_with_papers(rows: pd.DataFrame, refs: list[Reference], preset: str) 
 def start_plots(store: Store, studies: dict[tuple, list[Study]], cache: PlotCache,
                 only: Selection = EVERY_BOARD) -> Rendering:
     """The selected boards' plots, keyed (board key, plot name); those not cached start drawing now."""
-    jobs = {}
+    jobs, lines = {}, {}
     for key, g in load_class_means(store, only).groupby(BOARD_KEY, sort=False):
-        g = g.assign(line=[f"{method} ({setup})" if setup else method
-                           for method, setup in zip(g["method"], setup_names(g))])
+        g = g.assign(line=line_names(g))
+        lines[key] = sorted(set(g["line"]))   # the per-class plot's order, so its colours
         jobs[key, PER_CLASS] = PlotJob(PER_CLASS, g[["line", "train_count", "accuracy"]].reset_index(drop=True))
         jobs[key, WEIGHT_NORMS] = PlotJob(WEIGHT_NORMS,
                                           g[["line", "class_index", "train_count", "weight_norm"]]
                                           .reset_index(drop=True))
-    for key, g in load_tau_sweeps(store, only).groupby(BOARD_KEY, sort=False):
+    for key, g in load_curves(store, "reliability", only).groupby(BOARD_KEY, sort=False):
+        g = g.assign(line=line_names(g))
+        # a row's colour is its colour in the per-class plot (NCM, with no probabilities, is in that one only)
+        order = lines.get(key) or sorted(set(g["line"]))
+        g = g.assign(colour=[f"C{order.index(line) % 10}" for line in g["line"]])
+        jobs[key, RELIABILITY] = PlotJob(RELIABILITY, g[["line", "colour", "x", "value"]].reset_index(drop=True))
+    for key, g in load_curves(store, "tau_sweep", only).groupby(BOARD_KEY, sort=False):
         g = g.assign(setup=setup_names(g))
         jobs[key, TAU_SWEEP] = PlotJob(TAU_SWEEP, g[["setup", "split", "group", "x", "value"]].reset_index(drop=True))
     for key, board_studies in studies.items():
@@ -402,6 +410,12 @@ def start_plots(store: Store, studies: dict[tuple, list[Study]], cache: PlotCach
         if not trials.empty:
             jobs[key, TUNING] = PlotJob(TUNING, trials[["study", "number", "objective"]])
     return Rendering(jobs, cache, prune=only == EVERY_BOARD)   # a selection keeps the other boards' plots
+
+
+def line_names(rows: pd.DataFrame) -> list[str]:
+    """Per row of a board's plot data, the line it belongs to: its method, and its setup where the
+    board has that method on several."""
+    return [f"{method} ({setup})" if setup else method for method, setup in zip(rows["method"], setup_names(rows))]
 
 
 def setup_names(rows: pd.DataFrame) -> list[str]:

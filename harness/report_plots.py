@@ -28,6 +28,7 @@ PER_CLASS = "Per-class accuracy"
 WEIGHT_NORMS = "Classifier weight norms"
 TAU_SWEEP = "τ sweep"
 TUNING = "Hyper-parameter search"
+RELIABILITY = "Reliability diagram"
 
 DPI = 110
 WIDTH, AXES_HEIGHT = 6.4, 2.55                      # inches; the page shows plots 560 px wide
@@ -134,6 +135,19 @@ def draw_tau_sweep(ax, data: pd.DataFrame) -> None:
     ax.set_title("τ-norm sweep: solid test, dashed val", y=1.0, pad=14)
 
 
+def draw_reliability(ax, data: pd.DataFrame) -> None:
+    """Test accuracy per confidence bin against the bin's centre (MiSLAS's Figure 1 as lines, one
+    per row of the board): a point under the diagonal is a bin more confident than accurate."""
+    ax.plot([0, 100], [0, 100], color="#888", lw=0.8, ls="--")
+    for line, g in data.groupby("line"):
+        ax.plot(g["x"], g["value"], marker=".", ms=4, lw=1.2, color=g["colour"].iloc[0], label=line)
+    ax.set_xlim(0, 100)
+    ax.set_ylim(-2, 102)   # a bin at 0 or 100 % accuracy stays inside the frame
+    ax.set_xlabel("confidence: top softmax probability (%), 15 bins")
+    ax.set_ylabel("test accuracy in the bin (%)")
+    ax.set_title("Reliability: under the diagonal is over-confident", y=1.0)
+
+
 def draw_tuning(ax, data: pd.DataFrame) -> None:
     from matplotlib.ticker import MaxNLocator
 
@@ -149,7 +163,8 @@ def draw_tuning(ax, data: pd.DataFrame) -> None:
 
 
 DRAWINGS = {PER_CLASS: (draw_per_class, 6), WEIGHT_NORMS: (draw_weight_norms, 6),
-            TAU_SWEEP: (draw_tau_sweep, 4), TUNING: (draw_tuning, 3)}   # drawing, legend columns
+            TAU_SWEEP: (draw_tau_sweep, 4), TUNING: (draw_tuning, 3),
+            RELIABILITY: (draw_reliability, 6)}   # drawing, legend columns
 
 
 def plain_log_ticks(axis) -> None:

@@ -21,7 +21,8 @@ from harness.augment import augmentation_transforms
 from harness.checkpoints import (cache_root, check_cache_root, check_folder, drop_epoch_checkpoint,
                                  epoch_checkpoint_path, load_checkpoint, save_atomic, stage1_key, stage1_path)
 from harness.config import RunConfig, has_key, load_benchmarks, resolve, with_overrides
-from harness.data import LTData, group_accuracies, group_calibration_errors, per_class_accuracy, shot_group
+from harness.data import (LTData, confidence_bins, group_accuracies, group_calibration_errors, per_class_accuracy,
+                          shot_group)
 from harness.distributed import announce, init_from_env, is_main, world
 from harness.engine import (DeviceData, Trainer, TrainSpec, device_name, fit_many, head_outputs, precision_on,
                             resolve_device, train)
@@ -354,6 +355,13 @@ def progress_printer(label: str, enabled: bool):
     return update, bar.close
 
 
+def reliability_curve(probs: torch.Tensor, labels: torch.Tensor) -> list[dict]:
+    """The test images' reliability diagram: accuracy (%) per confidence bin that holds images, at
+    the bin's centre (%), the same x for every seed, so a board averages them."""
+    return [{"kind": "reliability", "x": round(b.centre * 100, 4), "split": "test", "group": "all",
+             "value": b.accuracy * 100} for b in confidence_bins(probs, labels)]
+
+
 def write_model(model: torch.nn.Module, job: Job, data: LTData, ddata: DeviceData, folder: Path) -> Path:
     """The run's final model as evaluated (stage 2 and the post-hoc head included), on the CPU,
     with what it takes to use it: `torch.load(path, weights_only=False)` (a pickle of harness
@@ -398,6 +406,8 @@ def finish(job: Job, data: LTData, ddata: DeviceData, store: Store | None, cache
         test_acc = acc if split == "test" else test_acc
         probs = method.probabilities(outputs, ctx)
         ece = {} if probs is None else group_calibration_errors(probs, y, data.train_counts)
+        if split == "test" and probs is not None:
+            ctx.curves += reliability_curve(probs, y)
         for group, top1 in group_accuracies(acc, data.train_counts).items():
             n = sum(1 for c in data.train_counts if group == "all" or shot_group(c) == group)
             metrics.append({"split": split, "group": group, "top1": top1,

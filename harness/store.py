@@ -96,7 +96,7 @@ class ClassMetric(Base):
 
 
 class CurvePoint(Base):
-    """Series a report can plot: the τ sweep, per-epoch training loss."""
+    """Series a report can plot: the τ sweep, per-epoch training loss, the test reliability diagram."""
     __tablename__ = "curves"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from harness import HarnessError
-from harness.data import (calibration_error, group_accuracies, group_calibration_errors, holdout_val, lt_counts,
+from harness.data import (calibration_error, confidence_bins, group_accuracies, group_calibration_errors, holdout_val, lt_counts,
                           per_class_accuracy, select_lt, shot_group)
 from harness.datasets import FMNIST_LT, read_idx
 
@@ -217,6 +217,17 @@ def test_calibration_error_by_hand():
     pooled = torch.tensor([[0.91, 0.09], [0.12, 0.88]])
     assert calibration_error(pooled, torch.tensor([0, 0])) == pytest.approx(abs(0.5 - 0.895) * 100)
     assert calibration_error(probs[:0], target[:0]) is None
+
+
+def test_confidence_bins_are_the_reliability_diagram_and_ece_is_their_weighted_gap():
+    probs = torch.tensor([[0.9, 0.05, 0.05], [0.05, 0.92, 0.03], [0.5, 0.25, 0.25], [0.34, 0.33, 0.33]])
+    target = torch.tensor([0, 0, 0, 2])
+    bins = confidence_bins(probs, target)
+    # 0.9 and 0.92 share (0.867, 0.933], bin 14; 0.5 is bin 8's right edge (closed there); 0.34, bin 6
+    assert [(b.index, b.images) for b in bins] == [(6, 1), (8, 1), (14, 2)]
+    assert [b.accuracy for b in bins] == [0.0, 1.0, 0.5]
+    assert bins[2].confidence == pytest.approx(0.91) and bins[1].centre == pytest.approx(7.5 / 15)
+    assert calibration_error(probs, target) == pytest.approx((0.34 + 0.5 + 2 * 0.41) / 4 * 100)
 
 
 def test_calibration_error_per_shot_group_takes_the_images_of_its_classes():

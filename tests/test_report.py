@@ -14,7 +14,7 @@ import yaml
 
 from harness import HarnessError
 from harness import report as rep
-from harness.report_plots import PER_CLASS, TUNING, WEIGHT_NORMS
+from harness.report_plots import PER_CLASS, RELIABILITY, TUNING, WEIGHT_NORMS
 from harness.report_protocol import Reference, compare, differences
 from harness.store import Run, Store, now
 
@@ -577,7 +577,7 @@ def test_plots_average_the_runs_the_table_counts_each_setup_apart_on_every_backe
     means = means.assign(setup=rep.setup_names(means)).groupby(["method", "setup"])["accuracy"].mean()
     assert means.to_dict() == {("ce", ""): 70.0, ("tau_norm", "backbone resnet32"): 85.0,
                                ("tau_norm", "backbone resnet34-cifar"): 40.0}
-    sweeps = rep.load_tau_sweeps(store)
+    sweeps = rep.load_curves(store, "tau_sweep")
     sweeps = sweeps.assign(setup=rep.setup_names(sweeps))
     assert sweeps[["setup", "x", "value"]].values.tolist() == [["backbone resnet32", 0.0, 85.0],
                                                                ["backbone resnet32", 1.0, 86.0],
@@ -587,6 +587,31 @@ def test_plots_average_the_runs_the_table_counts_each_setup_apart_on_every_backe
     tau = board.rows[board.rows["method"] == "tau_norm"].set_index("backbone")
     assert tau[["n", "all_mean"]].to_dict("index") == {"resnet32": {"n": 2, "all_mean": 85.0},
                                                        "resnet34-cifar": {"n": 1, "all_mean": 40.0}}
+
+
+def reliability(*accuracies):
+    return [{"kind": "reliability", "x": round((b - 0.5) / 15 * 100, 4), "split": "test", "group": "all", "value": a}
+            for b, a in accuracies]
+
+
+def test_a_board_draws_the_reliability_of_the_runs_that_measured_it_in_their_per_class_colours(tmp_path, bench,
+                                                                                              monkeypatch):
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    add_run(store, "ce0", "ce", 0, 80.0, curves=reliability((14, 70.0), (15, 90.0)))
+    add_run(store, "ce1", "ce", 1, 82.0, curves=reliability((14, 80.0)))       # no image in its bin 15
+    add_run(store, "ncm0", "ncm", 0, 75.0)                                      # distances: no diagram
+    add_run(store, "wb0", "wb", 0, 85.0, curves=reliability((10, 60.0)))
+    add_run(store, "q0", "ce", 0, 50.0, preset="quick")                         # stored before diagrams
+    [board] = [b for b in rep.build_boards(store, bench, plot_cache=tmp_path / "plots") if b.preset == "paper"]
+    assert list(board.plots) == [PER_CLASS, WEIGHT_NORMS, RELIABILITY]
+    assert board.plots[RELIABILITY].startswith("data:image/png;base64,")
+    monkeypatch.setattr(rep, "Rendering", lambda jobs, cache, prune: jobs)   # the jobs, undrawn
+    jobs = rep.start_plots(store, {}, rep.PlotCache(tmp_path / "plots"))
+    paper, quick = ("cifar10-lt", 10.0, "paper"), ("cifar10-lt", 10.0, "quick")
+    assert (quick, RELIABILITY) not in jobs and (quick, PER_CLASS) in jobs
+    # the seeds' mean per bin; ce and wb in their colours of the per-class plot (ce, ncm, wb: C0, C1, C2)
+    assert jobs[paper, RELIABILITY].data.values.tolist() == [["ce", "C0", 90.0, 75.0], ["ce", "C0", 96.6667, 90.0],
+                                                              ["wb", "C2", 63.3333, 60.0]]
 
 
 def test_precision_is_part_of_a_setup_and_named_against_the_papers_fp32_on_every_backend(store_url, bench):

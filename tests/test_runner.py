@@ -7,7 +7,7 @@ from sqlalchemy import func, select
 
 import harness.runner as runner_mod
 from harness import HarnessError
-from harness.data import calibration_error
+from harness.data import calibration_error, confidence_bins
 from harness.provenance import cpu_model, package_versions
 from harness.runner import RunRequest, execute
 from harness.store import ClassMetric, CurvePoint, Metric, Store
@@ -359,13 +359,19 @@ def test_a_saved_model_predicts_and_is_as_calibrated_as_the_run_stored_from_the_
     assert accuracy == pytest.approx([c.accuracy for c in sorted(stored.class_metrics, key=lambda c: c.class_index)])
     ece = {m.group: m.ece for m in stored.metrics if m.split == "test"}
     if method == "ncm":   # distances, not logits: no calibration
-        assert set(ece.values()) == {None}
+        assert set(ece.values()) == {None} and not [c for c in stored.curves if c.kind == "reliability"]
         return
     probs = (stored.config["recipe"]["scale"] * outputs if method == "ldam_drw" else outputs).softmax(1)
     few = torch.tensor([SYNTH_COUNTS[c] < 20 for c in data.test_y])
     assert ece["all"] == pytest.approx(calibration_error(probs, data.test_y), abs=1e-4)
     assert ece["few"] == pytest.approx(calibration_error(probs[few], data.test_y[few]), abs=1e-4)
     assert ece["all"] != pytest.approx(ece["few"]) and 0 < ece["all"] < 100
+    # its reliability diagram: test accuracy per confidence bin, at the bin's centre
+    curve = sorted((c.x, c.value) for c in stored.curves if c.kind == "reliability")
+    bins = confidence_bins(probs, data.test_y)
+    assert [x for x, _ in curve] == pytest.approx([100 * b.centre for b in bins], abs=1e-4)   # x rounded
+    assert [v for _, v in curve] == pytest.approx([100 * b.accuracy for b in bins], abs=1e-6)
+    assert sum(b.images for b in bins) == len(data.test_y) and len(bins) > 1
 
 
 def test_a_model_folder_that_cannot_be_one_is_refused_before_a_row_is_written(synth, tmp_path):
