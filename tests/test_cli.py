@@ -268,7 +268,9 @@ def test_list_runs_filters_and_names(tmp_path, env):
     table = harness("list", "runs", "--dataset", "synth-lt", "--status", "completed", env=env).stdout
     assert "82.46" in table and "broke" not in table
     refused = harness("list", "methods", "--status", "failed", env=env)
-    assert refused.returncode == 2 and "harness list runs --method" in refused.stderr
+    assert refused.returncode == 2 and "--status chooses among runs: `harness list runs --status" in refused.stderr
+    refused = harness("list", "datasets", "--method", "ce", env=env)   # recipes take it, datasets do not
+    assert refused.returncode == 2 and "--method chooses among runs and recipes" in refused.stderr
 
 
 def test_report_renders_the_boards_asked_for_and_names_the_store_s_when_none_match(tmp_path, env):
