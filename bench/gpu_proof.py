@@ -166,6 +166,14 @@ class Finished:
         return self.returncode == 0
 
 
+def heed_interrupts() -> None:
+    """In the child, before exec: SIGINT's default disposition. A proof started in the background
+    (`nohup ... &`, a non-interactive shell's `&`) ignores SIGINT, its children inherit that, and
+    Python then installs no KeyboardInterrupt: the harness would never hear the budget's SIGINT,
+    and would be killed GRACE_S later without marking its runs failed."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_bounded(cmd: list[str], seconds: float, log: Log) -> Finished:
     """Run `cmd` from the repository root in a process group of its own, its output streamed to
     `log`. After `seconds` the whole group gets SIGINT (the harness then marks its unfinished
@@ -173,7 +181,7 @@ def run_bounded(cmd: list[str], seconds: float, log: Log) -> Finished:
     has not ended GRACE_S later. Nothing of the group outlives the call."""
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace", start_new_session=True)
+                            errors="replace", start_new_session=True, preexec_fn=heed_interrupts)
     lines: list[str] = []
 
     def pump() -> None:

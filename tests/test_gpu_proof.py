@@ -4,6 +4,7 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -141,6 +142,21 @@ def test_a_call_that_ends_between_phases_exports_the_stage1_a_later_phase_reuses
     exported = {p.name for p in gpu_proof.resume_files(layout, 1, proof_.reused_stage1())}
     assert ce <= exported and len(exported) == 2   # CE's, and the newest chain's
     assert ce.isdisjoint(p.name for p in gpu_proof.resume_files(layout, 1, set()))   # the rule before: lost
+
+
+def test_the_budget_interrupts_a_command_even_where_the_proof_ignores_sigint(monkeypatch):
+    """Started in the background (nohup ... &), the proof ignores SIGINT and so would its
+    children: the harness would not hear the budget's interrupt and be killed unawares."""
+    monkeypatch.syspath_prepend(str(PROOF.parent))
+    gpu_proof = importlib.import_module("gpu_proof")
+    interrupted = ("import time\ntry:\n    print('started', flush=True); time.sleep(60)\n"
+                   "except KeyboardInterrupt:\n    print('interrupted', flush=True)\n")
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        finished = gpu_proof.run_bounded([sys.executable, "-c", interrupted], 2.0, lambda line: None)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert finished.lines == ["started", "interrupted"]
 
 
 def process_gone(pid: int) -> bool:
