@@ -222,9 +222,11 @@ def out_of_memory_text(exc: Exception, where: str, cfg: RunConfig, seeds: int, p
     """torch's CUDA OOM (a page of allocator statistics) as one line: what was asked for, where,
     and the changes that fit this run."""
     asked = ". ".join(str(exc).split(". ")[:2])     # "CUDA out of memory. Tried to allocate 2.00 GiB"
+    halves = [f"{stage}.batch_size={max(1, cfg.recipe[stage]['batch_size'] // 2)}"
+              for stage in ("stage1", "stage2") if stage in cfg.recipe]   # either stage may be the one
     fixes = [*(["fewer --seeds per command (they train at once)"] if seeds > 1 else []),
              *(["--precision bf16"] if precision == "fp32" else []),
-             f"a smaller batch (--set stage1.batch_size={max(1, cfg.recipe['stage1']['batch_size'] // 2)})",
+             f"a smaller batch (--set {' or '.join(halves)})",
              "spreading each batch over GPUs with torchrun"]
     return f"{asked} on {where}, training {cfg.backbone}; try {', '.join(fixes[:-1])} or {fixes[-1]}"
 

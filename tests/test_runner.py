@@ -318,6 +318,17 @@ def test_the_precision_asked_for_is_what_the_forward_passes_compute_in_and_is_re
     assert losses(bf16.run_id) != pytest.approx(losses(default.run_id), rel=1e-6)
 
 
+def test_out_of_memory_names_a_smaller_batch_for_each_stage_the_recipe_trains():
+    from harness.config import load_benchmarks, resolve
+    from harness.runner import out_of_memory_text
+
+    doc = load_benchmarks("benchmarks.yaml")
+    crt = resolve(doc, method="crt", dataset="imagenet-lt", rho=256.0, seed=0, preset="paper")
+    text = out_of_memory_text(RuntimeError("CUDA out of memory. Tried to allocate 9 GiB. More"), "cuda", crt, 1, "bf16")
+    half1, half2 = crt.recipe["stage1"]["batch_size"] // 2, crt.recipe["stage2"]["batch_size"] // 2
+    assert f"a smaller batch (--set stage1.batch_size={half1} or stage2.batch_size={half2})" in text
+
+
 def test_running_out_of_gpu_memory_is_one_line_naming_the_fixes(synth, monkeypatch):
     """torch's CUDA OOM is a page of allocator statistics; the run's row and the CLI get what
     was asked for and what to change. (No GPU here: the error is raised where training runs.)"""
