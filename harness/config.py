@@ -253,10 +253,10 @@ def resolve(doc: dict, *, settings: dict | None = None, **choices) -> RunConfig:
     """The full configuration of one run (`resolved`) with the command line's recipe settings
     (`--set`), and what its recipe changes of the shipped benchmarks.yaml's, where `doc` is
     another file or settings change it."""
-    cfg = resolved(doc, **choices)
+    cfg = written = resolved(doc, **choices)
     if settings:
-        cfg = with_settings(cfg, settings, f"{doc['_path']}: {cfg.dataset} / {cfg.method}")
-    return replace(cfg, recipe_changes=shipped_changes(doc, cfg, choices))
+        cfg = with_settings(written, settings, f"{doc['_path']}: {written.dataset} / {written.method}")
+    return replace(cfg, recipe_changes=shipped_changes(doc, cfg, written, choices))
 
 
 def resolved(doc: dict, *, method: str, dataset: str, rho: float, seed: int, preset: str,
@@ -325,20 +325,25 @@ SHIPPED_BENCHMARKS = (Path(__file__).parent / "benchmarks.yaml").resolve()   # t
 MISSING = object()   # a key one config has and the other lacks
 
 
-def shipped_changes(doc: dict, cfg: RunConfig, choices: dict) -> str | None:
+def shipped_changes(doc: dict, cfg: RunConfig, written: RunConfig, choices: dict) -> str | None:
     """What `cfg` (resolved from a benchmarks file other than the shipped one: --benchmarks,
     HARNESS_BENCHMARKS, an ablation's copy; or with --set) changes of the shipped file's config
     for the same choices, as "key value (shipped value)" in key order; None where nothing
-    changes. Where the shipped file has no recipe to hold it against (a dataset of its own), the
-    baseline is `doc`'s own, "key value (was value)": what --set changed. Deviations are words,
-    not training: not compared."""
-    baseline, label = doc, "shipped"
-    if SHIPPED_BENCHMARKS.is_file() and Path(doc["_path"]).resolve() != SHIPPED_BENCHMARKS:
-        baseline = read_once(SHIPPED_BENCHMARKS, SHIPPED_BENCHMARKS.stat().st_mtime_ns)
-    try:
-        shipped = resolved(baseline, **choices)
-    except HarnessError:
-        shipped, label = resolved(doc, **choices), "was"
+    changes. `written` is `doc`'s own config before --set: the shipped one where `doc` is the
+    shipped file, and the baseline, "key value (was value)", where the shipped file has no
+    recipe to hold it against (a dataset of its own). Deviations are words, not training: not
+    compared."""
+    shipped, label = written, "shipped"
+    if Path(doc["_path"]).resolve() != SHIPPED_BENCHMARKS:
+        label = "was"   # unless the shipped file holds a recipe for these choices
+        if SHIPPED_BENCHMARKS.is_file():
+            try:
+                shipped = resolved(read_once(SHIPPED_BENCHMARKS, SHIPPED_BENCHMARKS.stat().st_mtime_ns), **choices)
+                label = "shipped"
+            except HarnessError:
+                pass
+    if shipped is cfg:   # the shipped recipe itself, nothing --set: nothing changed
+        return None
 
     def compared(c: RunConfig) -> dict:
         setup = {k: v for k, v in c.to_dict().items() if k not in ("seed", "recipe")}
