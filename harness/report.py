@@ -23,8 +23,7 @@ from harness import HarnessError
 from harness.config import load_benchmarks
 from harness.formatting import fmt
 from harness.report_plots import (PER_CLASS, RELIABILITY, TAU_SWEEP, TUNING, WEIGHT_NORMS, PlotCache, PlotJob,
-                                  Rendering,
-                                  data_uri, default_cache)
+                                  Rendering, data_uri, default_cache)
 from harness.report_protocol import (DEFAULT_AUGMENTATION, SETUP, Reference, closest_differences, compare,
                                      our_protocol, readable)
 from harness.store import ClassMetric, CurvePoint, Metric, Run, Store
@@ -488,8 +487,8 @@ def setup_cells(board: Board) -> list[str]:
     return [" · ".join([r["backbone"], *shown_setup(r, varying)]) for _, r in board.rows.iterrows()]
 
 
-BOARD_HEADERS = ["Rank", "Method", "Setup", "Lead", "Other", "n", "Many", "Medium", "Few", "ECE", "Paper top-1", "Paper ECE",
-                 "Δ", "Paper differs", "Compute (min)", "Date", "Commit"]
+BOARD_HEADERS = ["Rank", "Method", "Setup", "Lead", "Other", "n", "Many", "Medium", "Few", "ECE", "Paper top-1",
+                 "Paper ECE", "Δ", "Paper differs", "Compute (min)", "Date", "Commit"]
 NUMERIC = {"Rank", "Top-1", "Error", "n", "Many", "Medium", "Few", "ECE", "Paper top-1", "Paper ECE", "Δ",
            "Compute (min)"}
 
@@ -520,7 +519,8 @@ def board_table(board: Board) -> tuple[list[str], list[list[str]]]:
                  "Lead": err if board.metric == "error" else top1, "Other": top1 if board.metric == "error" else err,
                  "n": str(r["n"]), "Many": fmt(r["many_mean"]), "Medium": fmt(r["medium_mean"]),
                  "Few": fmt(r["few_mean"]), "ECE": fmt_ece(r), "Paper top-1": fmt(r["paper"]),
-                 "Paper ECE": fmt(r["paper_ece"]), "Δ": fmt_delta(r["delta"]), "Paper differs": differs_names(r["paper_differs"]),
+                 "Paper ECE": fmt(r["paper_ece"]), "Δ": fmt_delta(r["delta"]),
+                 "Paper differs": differs_names(r["paper_differs"]),
                  "Compute (min)": fmt_minutes(r), "Date": r["date"], "Commit": r["commit"]}
         rows.append([cells[h] for h in shown])
     return headers, rows
