@@ -112,8 +112,11 @@ def cli() -> None:
 @training_options
 @override_options
 @click.option("--benchmarks", envvar="HARNESS_BENCHMARKS", help="benchmarks.yaml to use.")
+@click.option("--dry-run", is_flag=True,
+              help="Show the recipe the runs would train with (the ratio's values, the preset's budget and --set "
+                   "applied), their config hash and the store's completed runs of it; train nothing.")
 def run(method, dataset, rho, seeds, preset, epochs, device, data_root, download, db, generator, backbone,
-        val_per_class, precision, settings, cache_dir, save_model, benchmarks, no_progress) -> None:
+        val_per_class, precision, settings, cache_dir, save_model, benchmarks, no_progress, dry_run) -> None:
     """Train and evaluate METHOD on DATASET; store the result and print it."""
     from harness.runner import RunRequest, execute
 
@@ -123,6 +126,9 @@ def run(method, dataset, rho, seeds, preset, epochs, device, data_root, download
                      backbone=backbone, val_per_class=val_per_class, precision=precision, cache_dir=cache_dir,
                      save_model=save_model, benchmarks=benchmarks, progress=not no_progress,
                      settings=parse_settings(settings))
+    if dry_run:
+        show_preview(req)
+        return
     from harness.distributed import is_main
 
     results = execute(req)
@@ -135,6 +141,36 @@ def run(method, dataset, rho, seeds, preset, epochs, device, data_root, download
                      fmt(t["many"]), fmt(t["medium"]), fmt(t["few"]), "yes" if r.stage1_cached else "no"])
     click.echo(tabulate(rows, headers=["run", "method", "seed", "top-1", "error", "many", "medium", "few",
                                        "stage 1 cached"], tablefmt="github", disable_numparse=True))
+
+
+def show_preview(req) -> None:
+    """`harness run --dry-run`: what the runs would be, from the checks `run` makes before it trains."""
+    from harness.config import load_benchmarks, trained_values
+    from harness.engine import precision_on, resolve_device
+    from harness.runner import preview
+
+    seen = preview(req)
+    cfg = seen.configs[0]
+    click.echo(f"{cfg.method} on {cfg.dataset}, rho {cfg.rho:g}, preset {cfg.preset}: backbone {cfg.backbone}, "
+               f"generator {cfg.generator}, {cfg.val_per_class} validation images per class, "
+               f"{precision_on(resolve_device(req.device), cfg.precision)} forward passes")
+    if cfg.recipe_changes:
+        click.echo(f"changed from the shipped recipe (named on its board row, no Δ): {cfg.recipe_changes}")
+    click.echo("\n" + tabulate(trained_values(load_benchmarks(req.benchmarks), cfg, req.settings),
+                               headers=["key", "value", "written", "changed by"], tablefmt="github",
+                               disable_numparse=True))
+    if cfg.recipe.get("deviations"):
+        click.echo("\nnot followed of the official code:\n" + "\n".join(f"- {d}" for d in cfg.recipe["deviations"]))
+    done = lambda seed: ", ".join(seen.completed.get(seed, [])) or "—"  # noqa: E731
+    click.echo("\n" + tabulate([[c.seed, c.config_hash(), done(c.seed)] for c in seen.configs],
+                               headers=["seed", "config hash", "completed in the store"], tablefmt="github",
+                               disable_numparse=True))
+    again = sum(1 for c in seen.configs if seen.completed.get(c.seed))
+    runs = len(seen.configs)
+    click.echo(f"{runs} run{'s' * (runs > 1)} would train" + (f"; {again} of their seeds are in the store already (a "
+               "seed run again adds a row, which a board counts once)" if again else "")
+               + (f"; {seen.store_missing.split(';')[0]}: the run makes it" if seen.store_missing else "")
+               + "; nothing trained, nothing written")
 
 
 @cli.command(cls=GreedyCommand)
@@ -298,7 +334,8 @@ def delete_(run_ids, url, running, yes) -> None:
 @click.option("--db", envvar="HARNESS_DB", help="SQLAlchemy URL of the results store.")
 @click.option("--names", is_flag=True, help="Names only (run ids for runs), one per line (for scripts).")
 @click.option("--dataset", help="recipes, runs: only this dataset's.")
-@click.option("--method", help="recipes, runs: only this method's (recipes: with --dataset, its keys and values).")
+@click.option("--method", help="recipes, runs: only this method's (recipes: with --dataset, its keys and values as "
+                             "written; `harness run ... --dry-run`: as a run trains with them).")
 @click.option("--status", type=click.Choice(["running", "completed", "failed"]), help="runs: only these.")
 @click.option("--benchmarks", envvar="HARNESS_BENCHMARKS", help="recipes: the benchmarks.yaml to read.")
 def list_(what: str, db: str | None, names: bool, dataset: str | None, method: str | None, status: str | None,

@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, replace
 from numbers import Real
 from pathlib import Path
@@ -414,6 +415,34 @@ def recipe_values(doc: dict, dataset: str, method: str) -> list[list[str]]:
                            f"its recipes: {', '.join(methods) or 'none'}")
     recipe = {k: v for k, v in methods[method].items() if k not in ("by_rho", "backbone")}
     return [[key, json.dumps(value)] for key, value in sorted(flat(recipe).items()) if not describes_the_paper(key)]
+
+
+def trained_values(doc: dict, cfg: RunConfig, settings: dict) -> list[list[str]]:
+    """The recipe `cfg` trains with, one dotted key per row: its value, and where that is not the
+    value written for the method in `doc`, the written one and what changed it (--set, the
+    ratio's `by_rho`, the preset's or --epochs' budget, a default the file does not write)."""
+    written_recipe = (benchmark(doc, cfg.dataset).get("methods") or {}).get(cfg.method)
+    by_rho = flat(((written_recipe or {}).get("by_rho") or {}).get(cfg.rho) or {})
+    written = flat({k: v for k, v in (written_recipe or {}).items() if k not in ("by_rho", "backbone")})
+    rows = []
+    for key, value in sorted(flat(cfg.recipe).items()):
+        was = written.get(key, MISSING)
+        if describes_the_paper(key):
+            continue
+        if was == value:
+            rows.append([key, json.dumps(value), "", ""])
+            continue
+        if key in settings:
+            why = "--set"
+        elif key in by_rho:
+            why = f"rho {cfg.rho:g}"
+        elif was is MISSING:
+            why = "the benchmark's default" if written_recipe else "no recipe for it in the file"
+        else:   # epochs and the milestones in them scale with the budget
+            asked = re.search(r"-e(\d+)$", cfg.preset)   # resolved()'s label of --epochs N
+            why = f"--epochs {asked[1]}" if asked and key.startswith("stage1.") else f"preset {cfg.preset}"
+        rows.append([key, json.dumps(value), "—" if was is MISSING else json.dumps(was), why])
+    return rows
 
 
 def flat(mapping: dict, prefix: str = "") -> dict:

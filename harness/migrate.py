@@ -27,6 +27,10 @@ SCHEMA_LOCK = "ltr-harness schema"  # the server lock (harness.locks) under whic
 NO_STORE_FIX = "check --db / HARNESS_DB, or make one with `harness run` or `harness sweep`"
 
 
+class NoStore(HarnessError):
+    """A store opened only to read is not there (yet): no SQLite file, or a database without tables."""
+
+
 def alembic_config(connection: Connection):
     from alembic.config import Config
 
@@ -78,7 +82,7 @@ def ensure_schema(engine: Engine, url: str, metadata, create: bool = True) -> No
     with engine.connect() as conn, server_lock(conn, SCHEMA_LOCK), conn.begin():
         revision = current_revision(conn)
         if revision is None and not create:
-            raise HarnessError(f"{url} holds no results store; {NO_STORE_FIX}")
+            raise NoStore(f"{url} holds no results store; {NO_STORE_FIX}")
         if revision is None:
             metadata.create_all(conn)
             command.stamp(alembic_config(conn), "head")

@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from sqlalchemy import select
 
 from harness import HarnessError
 from harness.augment import augmentation_transforms
@@ -27,6 +28,7 @@ from harness.distributed import announce, init_from_env, is_main, world
 from harness.engine import (DeviceData, Trainer, TrainSpec, device_name, fit_many, head_outputs, precision_on,
                             resolve_device, train)
 from harness.method import Method, RunContext
+from harness.migrate import NoStore
 from harness.models import build_model, check_backbone, head_weight, reinitialise, under
 from harness.provenance import git_commit, package_versions, this_process
 from harness.registry import DATASETS, METHODS
@@ -117,6 +119,40 @@ def prepare(req: RunRequest, seed: int) -> tuple[Method, object, RunConfig]:
     return method, spec, cfg
 
 
+def data_root(req: RunRequest) -> Path | None:
+    """--data-root, checked; None: the dataset's default place."""
+    root = Path(req.data_root) if req.data_root else None
+    # a data root still to be made is torchvision's to make when it downloads there
+    if root is not None and not root.is_dir() and not (req.download and not root.exists()):
+        download = "" if root.exists() else ", or add --download to fetch the data there"
+        raise HarnessError(f"data root {root} is not a directory; pass --data-root DIR or set HARNESS_DATA_ROOT"
+                           f"{download}")
+    return root
+
+
+@dataclass
+class Preview:
+    """What `execute` would train for a request, with nothing trained and nothing written."""
+    configs: list[RunConfig]            # one per seed, resolved and checked as `execute` does
+    completed: dict[int, list[str]]     # seed -> ids of the store's completed runs of its config
+    store_missing: str | None           # why no store was read (none there yet), else None
+
+
+def preview(req: RunRequest) -> Preview:
+    configs = [prepare(req, seed)[2] for seed in req.seeds]
+    data_root(req)   # the data itself is left to the run: loading it may mean a download
+    try:
+        with Store(req.db, create=False) as store, store.session() as s:
+            rows = s.execute(select(Run.config_hash, Run.id).where(
+                Run.status == "completed", Run.config_hash.in_([cfg.config_hash() for cfg in configs]))).all()
+    except NoStore as exc:   # a first run makes it
+        return Preview(configs, {}, str(exc))
+    ids: dict[str, list[str]] = {}
+    for config_hash, run_id in rows:
+        ids.setdefault(config_hash, []).append(run_id)
+    return Preview(configs, {cfg.seed: sorted(ids.get(cfg.config_hash(), [])) for cfg in configs}, None)
+
+
 def trainable(model: torch.nn.Module, groups: list[dict] | None, prefixes: list[str] | None) -> list | None:
     """The stage-1 parameters: the method's groups, limited by the recipe's `train_only`
     name prefixes (the rest frozen: no gradient, no update, no weight decay)."""
@@ -139,12 +175,7 @@ def execute(req: RunRequest) -> list[RunResult]:
     device = init_from_env(resolve_device(req.device))  # under torchrun: this process's device
     rank, world_size = world()
     _, spec, cfg0 = prepared[0]
-    root = Path(req.data_root) if req.data_root else None
-    # a data root still to be made is torchvision's to make when it downloads there
-    if root is not None and not root.is_dir() and not (req.download and not root.exists()):
-        download = "" if root.exists() else ", or add --download to fetch the data there"
-        raise HarnessError(f"data root {root} is not a directory; pass --data-root DIR or set HARNESS_DATA_ROOT"
-                           f"{download}")
+    root = data_root(req)
     cache = check_cache_root(cache_root(req.cache_dir))
     if req.save_model is not None:
         if not str(req.save_model).strip():   # an unset variable in a script, not the current folder

@@ -19,7 +19,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 
 from harness import HarnessError
 from harness.locks import MYSQL, server_lock
-from harness.migrate import NO_STORE_FIX, ensure_schema
+from harness.migrate import NO_STORE_FIX, NoStore, ensure_schema
 
 DEFAULT_URL = "sqlite:///results.db"
 DRIVER_EXTRAS = {"psycopg": "postgres", "pymysql": "mysql"}   # the extra that installs each driver
@@ -141,7 +141,7 @@ class Store:
             self.engine = create_engine(self.url, **kwargs)
             path = self.sqlite_file
             if not create and path and not os.path.exists(path):
-                raise HarnessError(f"no results store at {path}; {NO_STORE_FIX}")
+                raise NoStore(f"no results store at {path}; {NO_STORE_FIX}")
             if self.url.startswith("sqlite"):
                 event.listen(self.engine, "connect", _sqlite_pragmas)
                 event.listen(self.engine, "begin", _sqlite_begin)

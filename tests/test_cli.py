@@ -196,10 +196,21 @@ def test_set_trains_with_the_value_and_the_board_names_the_change(tmp_path, env)
         out = harness(*common, "--set", bad, env=env, cwd=tmp_path)
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2 and len(lines) == 1 and message in lines[0], out.stderr
-    assert not (tmp_path / "results.db").exists()
-    out = harness(*common, "--set", "stage1.weight_decay=1e-3", "stage1.lr=0.02", env=env, cwd=tmp_path)
+    ablation = [*common, "--set", "stage1.weight_decay=1e-3", "stage1.lr=0.02"]
+    dry = harness(*ablation, "--dry-run", env=env, cwd=tmp_path)   # what it would train, nothing written
+    assert dry.returncode == 0, dry.stderr
+    rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.split("|")[1:-1]]
+                                              for line in dry.stdout.splitlines() if line.startswith("| stage1."))}
+    assert rows["stage1.lr"] == ["0.02", "0.05", "--set"], dry.stdout
+    assert rows["stage1.epochs"] == ["2", "3", "preset quick"] and rows["stage1.momentum"] == ["0.9", "", ""]
+    assert "1 run would train; no results store at" in dry.stdout and not (tmp_path / "results.db").exists()
+    typo = harness(*ablation, "--dry-run", "--data-root", str(tmp_path / "no-such-data"), env=env, cwd=tmp_path)
+    assert typo.returncode == 2 and "data root" in typo.stderr and "is not a directory" in typo.stderr
+    out = harness(*ablation, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     [run] = Store(env["HARNESS_DB"]).list_runs()
+    dry = harness(*ablation, "--dry-run", env=env, cwd=tmp_path)
+    assert f"| 0      | {run.config_hash} | {run.id}" in dry.stdout and "1 of their seeds" in dry.stdout, dry.stdout
     assert (run.config["recipe"]["stage1"]["weight_decay"], run.config["recipe"]["stage1"]["lr"]) == (0.001, 0.02)
     assert run.extra["recipe_changes"] == "stage1.lr 0.02 (was 0.05), stage1.weight_decay 0.001 (was 0.0005)"
     plain = harness(*common, env=env, cwd=tmp_path)   # the file's recipe: another config, another row

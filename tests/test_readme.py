@@ -59,7 +59,9 @@ def test_readme_command_runs_as_written(command, tmp_path, monkeypatch, capsys):
         assert exit_.code in (0, None), capsys.readouterr().err
     written = [int(w) for w in re.search(r"--seeds? ((?:-?\d+ ?)+)", command).group(1).split()] \
         if re.search(r"--seeds? \d", command) else None
-    if argv[0] in ("run", "tune"):
+    if argv[:1] == ["run"] and "--dry-run" in argv:   # shows the recipe, trains nothing
+        assert not requests and "nothing trained, nothing written" in capsys.readouterr().out
+    elif argv[0] in ("run", "tune"):
         [req] = requests
         req = req if argv[0] == "run" else req.run
         assert req.seeds == (written or [0])

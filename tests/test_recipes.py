@@ -281,3 +281,29 @@ def test_a_preset_runs_every_recipe_for_the_same_fraction_of_its_epochs():
     assert (custom.recipe["stage1"]["epochs"], custom.preset) == (200, "quick-e200")
     same = resolve(DOC, method="balanced_softmax", dataset="fmnist-lt", rho=100, seed=0, preset="quick", epochs=867)
     assert same.preset == "quick"
+
+
+def test_the_values_a_run_trains_with_name_what_changed_each_written_one():
+    """`harness run --dry-run`'s table: every key the run trains with, and beside a value that is not
+    the one written for the method, the written one and its cause (the ratio's by_rho, the preset's
+    budget, --epochs, --set, the benchmark's default)."""
+    from harness.config import trained_values
+
+    def table(**kw):
+        settings = kw.pop("settings", {})
+        cfg = resolve(DOC, method="mislas", dataset="cifar10-lt", rho=50, seed=0, settings=settings, **kw)
+        return {key: (value, written, cause) for key, value, written, cause in trained_values(DOC, cfg, settings)}
+
+    rows = table(preset="quick", settings={"mixup_alpha": 0.5})
+    assert rows["smooth_head"] == ("0.2", "0.3", "rho 50") and rows["lr_factor"] == ("0.2", "0.5", "rho 50")
+    assert rows["smooth_tail"] == ("0.0", "", "")   # rho 50 writes it, the same as the recipe
+    assert rows["mixup_alpha"] == ("0.5", "1.0", "--set")
+    assert rows["stage1.epochs"] == ("10", "200", "preset quick")
+    assert rows["stage2.epochs"] == ("2", "10", "preset quick")
+    assert rows["stage1.schedule.steps"] == ("[[8, 0.1], [9, 0.01]]", "[[160, 0.1], [180, 0.01]]", "preset quick")
+    assert rows["stage1.lr"] == ("0.1", "", "")
+    assert rows["augmentation"] == ('"crop+flip"', "—", "the benchmark's default")
+    assert not any(key == "deviations" or key.endswith("paper_epochs") for key in rows)
+    rows = table(preset="paper", epochs=20)
+    assert rows["stage1.epochs"] == ("20", "200", "--epochs 20") and rows["stage2.epochs"] == ("10", "", "")
+    assert rows["mixup_alpha"] == ("1.0", "", "")

@@ -422,3 +422,21 @@ def test_download_into_a_data_root_still_to_be_made_is_left_to_the_loader(synth,
     assert asked == []
     [res] = run("ce", synth, data_root=str(new), download=True)
     assert asked == [(new, True)] and Store(synth).get_run(res.run_id).status == "completed"
+
+
+def test_a_preview_names_the_config_a_run_stores_and_the_runs_already_completed_writing_nothing(synth, tmp_path):
+    """`harness run --dry-run`: the config hash it shows is the one the run stores, it makes no store,
+    and once a seed has run it names that run (only a completed one of the same config)."""
+    from harness.runner import preview
+
+    req = RunRequest(method="ce", dataset="synth-lt", rho=100, preset="quick", seeds=[0, 1], device="cpu",
+                     progress=False, settings={"stage1.lr": 0.07})
+    before = preview(req)
+    assert before.completed == {} and "no results store at" in before.store_missing
+    assert not (tmp_path / "results.db").exists() and not (tmp_path / "cache").exists()
+    [res] = execute(RunRequest(**{**req.__dict__, "seeds": [1]}))
+    run(method="ce", url=synth)   # the shipped lr: another config
+    after = preview(req)
+    assert [c.config_hash() for c in after.configs] == [c.config_hash() for c in before.configs]
+    assert Store(synth).get_run(res.run_id).config_hash == after.configs[1].config_hash()
+    assert after.completed == {0: [], 1: [res.run_id]} and after.store_missing is None
