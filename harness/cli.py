@@ -155,7 +155,7 @@ def show_preview(req) -> None:
                f"generator {cfg.generator}, {cfg.val_per_class} validation images per class, "
                f"{precision_on(resolve_device(req.device), cfg.precision)} forward passes")
     if cfg.recipe_changes:
-        click.echo(f"changed from the shipped recipe (named on its board row, no Δ): {cfg.recipe_changes}")
+        click.echo(f"recipe changes (named on its board row, no Δ): {cfg.recipe_changes}")
     click.echo("\n" + tabulate(trained_values(load_benchmarks(req.benchmarks), cfg, req.settings),
                                headers=["key", "value", "written", "changed by"], tablefmt="github",
                                disable_numparse=True))

@@ -426,9 +426,9 @@ def trained_values(doc: dict, cfg: RunConfig, settings: dict) -> list[list[str]]
     written = flat({k: v for k, v in (written_recipe or {}).items() if k not in ("by_rho", "backbone")})
     rows = []
     for key, value in sorted(flat(cfg.recipe).items()):
-        was = written.get(key, MISSING)
         if describes_the_paper(key):
             continue
+        was = written.get(key, MISSING)
         if was == value:
             rows.append([key, json.dumps(value), "", ""])
             continue

@@ -5,6 +5,11 @@ re-scale the classifier without knowing the backbone.
 """
 from __future__ import annotations
 
+import importlib
+import os
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -141,9 +146,6 @@ def timm_model(name: str, num_classes: int, in_channels: int) -> Classifier:
 
 
 def load_local_weights(body: nn.Module, arch: str) -> None:
-    import os
-    from pathlib import Path
-
     weights_dir = Path(os.environ.get("HARNESS_WEIGHTS", "weights"))
     for path in (weights_dir / f"{arch}.pth", weights_dir / f"{arch}.safetensors"):
         if path.is_file():
@@ -160,6 +162,39 @@ def load_local_weights(body: nn.Module, arch: str) -> None:
     raise HarnessError(f"pretrained weights for {arch} are not on this machine: put {arch}.pth or "
                        f"{arch}.safetensors in {weights_dir}/ (or set HARNESS_WEIGHTS); the harness never "
                        "downloads weights at run time")
+
+
+# ---------------------------------------------------------------- a saved model, read back
+
+LAYER_PACKAGES = ("torch", "timm", "harness", "methods")   # where load_model may import a layer's class from
+
+
+def load_model(path: str | os.PathLike) -> dict:
+    """A model file of `--save-model` ({"model", "run_id", "config", "class_names", "inputs"}),
+    read with torch's weights-only unpickler: it builds tensors, plain containers and the network
+    layers (nn.Module classes) the file names, and nothing else. A layer's class comes from torch,
+    timm, the harness or its methods, or from a module already imported (a plugin method's own
+    head: import its package first); a file naming anything else is refused, never run."""
+    path = Path(path)
+    if not path.is_file():
+        raise HarnessError(f"no model file at {path}; `harness show RUN_ID` names a run's (extra.model_file)")
+    layers = []
+    for name in torch.serialization.get_unsafe_globals_in_checkpoint(path):
+        module_name, _, attr = name.rpartition(".")
+        module = sys.modules.get(module_name)
+        if module is None and module_name.split(".")[0] in LAYER_PACKAGES:
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:
+                pass
+        layer = getattr(module, attr, None)
+        if not (isinstance(layer, type) and issubclass(layer, nn.Module)):
+            raise HarnessError(f"{path} names {name}, not a network layer of torch, timm, the harness or an imported "
+                               "package: not loaded (torch.load(path, weights_only=False) runs what it names: only "
+                               "for a file you trust)")
+        layers.append(layer)
+    with torch.serialization.safe_globals(layers):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 BACKBONES = {"resnet32": resnet32, "resnet34-cifar": resnet34_cifar, "fmnist-cnn": fmnist_cnn}

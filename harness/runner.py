@@ -397,9 +397,9 @@ def reliability_curve(probs: torch.Tensor, labels: torch.Tensor) -> list[dict]:
 
 def write_model(model: torch.nn.Module, job: Job, data: LTData, ddata: DeviceData, folder: Path) -> Path:
     """The run's final model as evaluated (stage 2 and the post-hoc head included), on the CPU,
-    with what it takes to use it: `torch.load(path, weights_only=False)` (a pickle of harness
-    classes: load only files you trust) gives {"model", "run_id", "config", "class_names",
-    "inputs"}; the model's logits are for images normalised as `inputs` says."""
+    with what it takes to use it: `harness.models.load_model(path)` (torch's weights-only
+    unpickler, the file's network layers allowed) gives {"model", "run_id", "config",
+    "class_names", "inputs"}; the model's logits are for images normalised as `inputs` says."""
     path = (folder / f"{job.run_id}.pt").resolve()
     save_atomic(path, {"model": model.to("cpu").eval(), "run_id": job.run_id, "config": job.cfg.to_dict(),
                        "class_names": list(data.class_names), "inputs": ddata.inputs()})

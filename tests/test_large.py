@@ -289,7 +289,9 @@ def test_a_saved_folder_lt_model_names_the_resizing_its_inputs_take(large, tmp_p
     root = folder_tree(tmp_path / "folder", [30, 20, 30])
     [res] = execute(RunRequest(method="crt", dataset="folder-lt", rho="natural", data_root=str(root), device="cpu",
                                progress=False, save_model=str(tmp_path / "models")))
-    saved = torch.load(tmp_path / "models" / f"{res.run_id}.pt", weights_only=False)
+    from harness.models import load_model
+
+    saved = load_model(tmp_path / "models" / f"{res.run_id}.pt")   # a timm body's layers among them
     inputs = saved["inputs"]
     assert (inputs["mean"], inputs["std"]) == (list(FOLDER_LT.mean), list(FOLDER_LT.std))
     assert f"Resize({FOLDER_LT.resize}), CenterCrop({FOLDER_LT.size})" in inputs["pixels"]

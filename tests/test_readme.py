@@ -73,3 +73,13 @@ def test_readme_command_runs_as_written(command, tmp_path, monkeypatch, capsys):
         rhos = re.search(r"--rho ((?:[\d.]+ ?)+)", command)
         if rhos:
             assert {p.request.rho for p in requests} == {float(r) for r in rhos.group(1).split()}
+
+
+def test_the_readme_python_imports_what_exists():
+    """The README's Python snippets import names the harness has (a renamed function would leave
+    them pointing at nothing)."""
+    imports = [line for block in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+               for line in block.splitlines() if line.startswith(("from harness", "import harness"))]
+    assert "from harness.models import load_model" in imports
+    for line in imports:
+        exec(line, {})

@@ -1,4 +1,5 @@
 """End to end on the synthetic dataset: real training, real store, tiny budget."""
+import os
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ from sqlalchemy import func, select
 import harness.runner as runner_mod
 from harness import HarnessError
 from harness.data import calibration_error, confidence_bins
+from harness.models import load_model
 from harness.provenance import cpu_model, package_versions
 from harness.runner import RunRequest, execute
 from harness.store import ClassMetric, CurvePoint, Metric, Store
@@ -357,7 +359,7 @@ def test_a_saved_model_predicts_and_is_as_calibrated_as_the_run_stored_from_the_
     stored = Store(synth).get_run(res.run_id)
     path = Path(stored.extra["model_file"])
     assert path == (tmp_path / "models" / f"{res.run_id}.pt").resolve()
-    saved = torch.load(path, weights_only=False)
+    saved = load_model(path)   # torch's weights-only unpickler, the file's layers allowed
     assert saved["run_id"] == res.run_id and saved["config"] == stored.config
     assert saved["class_names"] == [f"c{i}" for i in range(6)]
     mean, std = torch.tensor(saved["inputs"]["mean"]), torch.tensor(saved["inputs"]["std"])
@@ -383,6 +385,29 @@ def test_a_saved_model_predicts_and_is_as_calibrated_as_the_run_stored_from_the_
     assert [x for x, _ in curve] == pytest.approx([100 * b.centre for b in bins], abs=1e-4)   # x rounded
     assert [v for _, v in curve] == pytest.approx([100 * b.accuracy for b in bins], abs=1e-6)
     assert sum(b.images for b in bins) == len(data.test_y) and len(bins) > 1
+
+
+class Payload:
+    """What a hostile model file could hold: unpickled, it runs a command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_model_file_naming_anything_but_network_layers_is_refused_and_not_run(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "model.pt"
+    torch.save({"model": torch.nn.Linear(2, 2), "run_id": "r", "extra": Payload(marker)}, path)
+    with pytest.raises(HarnessError, match=r"model.pt names (posix|os)\.system, not a network layer .*not loaded"):
+        load_model(path)
+    assert not marker.exists()
+    torch.save({"model": torch.nn.Sequential(torch.nn.Linear(2, 2)), "run_id": "r"}, path)
+    assert isinstance(load_model(path)["model"][0], torch.nn.Linear)
+    with pytest.raises(HarnessError, match=r"no model file at .*nope.pt; `harness show RUN_ID` names"):
+        load_model(tmp_path / "nope.pt")
 
 
 def test_a_model_folder_that_cannot_be_one_is_refused_before_a_row_is_written(synth, tmp_path):
