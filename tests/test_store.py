@@ -341,3 +341,16 @@ def test_closing_interrupted_rows_never_overwrites_a_run_completed_meanwhile(sto
     assert store.close_interrupted("same", completed_by="fast", resumed=False) == 0
     assert fired and other.get_run("slow").status == "completed"
     store.close(), other.close()
+
+
+def test_a_store_opened_only_to_read_that_is_not_there_is_no_store_on_every_backend(store_url):
+    """`run --dry-run` tells "no store yet" (NoStore) from a store it cannot use: an empty SQLite path
+    or a server database without tables is NoStore, and reading makes nothing."""
+    from harness.migrate import NoStore
+
+    with pytest.raises(NoStore, match=r"(no results store at .*|holds no results store); check --db"):
+        Store(store_url, create=False)
+    with pytest.raises(NoStore):   # still none: reading made nothing
+        Store(store_url, create=False)
+    Store(store_url).close()
+    Store(store_url, create=False).close()
