@@ -5,6 +5,7 @@ re-scale the classifier without knowing the backbone.
 """
 from __future__ import annotations
 
+import enum
 import importlib
 import os
 import sys
@@ -172,9 +173,10 @@ LAYER_PACKAGES = ("torch", "timm", "harness", "methods")   # where load_model ma
 def load_model(path: str | os.PathLike) -> dict:
     """A model file of `--save-model` ({"model", "run_id", "config", "class_names", "inputs"}),
     read with torch's weights-only unpickler: it builds tensors, plain containers and the network
-    layers (nn.Module classes) the file names, and nothing else. A layer's class comes from torch,
-    timm, the harness or its methods, or from a module already imported (a plugin method's own
-    head: import its package first); a file naming anything else is refused, never run."""
+    layers (nn.Module classes) the file names, with the enum members they hold as settings (timm's
+    ViT and Swin keep a `Format` one), and nothing else. A layer's class comes from torch, timm, the
+    harness or its methods, or from a module already imported (a plugin method's own head: import
+    its package first); a file naming anything else is refused, never run."""
     path = Path(path)
     if not path.is_file():
         raise HarnessError(f"no model file at {path}; `harness show RUN_ID` names a run's (extra.model_file)")
@@ -188,7 +190,8 @@ def load_model(path: str | os.PathLike) -> dict:
             except ImportError:
                 pass
         layer = getattr(module, attr, None)
-        if not (isinstance(layer, type) and issubclass(layer, nn.Module)):
+        # An enum member unpickles as a lookup of its value, no code of the file's choosing.
+        if not (isinstance(layer, type) and issubclass(layer, (nn.Module, enum.Enum))):
             raise HarnessError(f"{path} names {name}, not a network layer of torch, timm, the harness or an imported "
                                "package: not loaded (torch.load(path, weights_only=False) runs what it names: only "
                                "for a file you trust)")

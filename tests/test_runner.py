@@ -410,6 +410,19 @@ def test_a_model_file_naming_anything_but_network_layers_is_refused_and_not_run(
         load_model(tmp_path / "nope.pt")
 
 
+def test_a_saved_timm_vit_is_read_back_with_the_enum_its_layers_hold(tmp_path):
+    """timm's ViT and Swin keep a timm.layers.Format member: refused as "not a network layer" before."""
+    import timm
+
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3).eval()
+    path = tmp_path / "vit.pt"
+    torch.save({"model": vit, "run_id": "r"}, path)
+    assert "timm.layers.format.Format" in torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_model(path)["model"](images), vit(images))
+
+
 def test_a_model_folder_that_cannot_be_one_is_refused_before_a_row_is_written(synth, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
