@@ -161,6 +161,7 @@ class TrainSpec:
     transforms: list[BatchTransform] = field(default_factory=list)  # per-step batch work, in order
     nesterov: bool = False
     cuda_graphs: bool = True             # capture the step on CUDA; eager elsewhere
+    stage: str = "stage1"                # the recipe key it was read from: what an error tells --set to change
 
     RECIPE_KEYS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "nesterov", "per_class",
                    "shuffle_batch", "epoch_steps", "train_mode_only")
@@ -253,7 +254,8 @@ class Trainer:
         self.sampler = ClassAwareSampler(data.train_y.cpu().numpy(), spec.per_class, self.rng, spec.shuffle_batch) \
             if spec.sampler == "class_aware" else None
         default_steps = "floor" if self.sampler is not None else "all"
-        self.samples = epoch_samples(spec.epoch_steps or default_steps, data.n_train, spec.batch_size, spec.sampler)
+        self.samples = epoch_samples(spec.epoch_steps or default_steps, data.n_train, spec.batch_size, spec.sampler,
+                                     stage=spec.stage)
         self.epoch_t = torch.zeros((), device=self.device)
         self.loss_sum = torch.zeros((), device=self.device)
         self.step_t = torch.zeros((), dtype=torch.long, device=self.device)

@@ -101,7 +101,7 @@ def stage2_spec(ctx: RunContext, params, **kw) -> TrainSpec:
     recipe = ctx.recipe["stage2"]
     bn_mode = recipe.get("bn_mode", "train")
     ctx.extra["stage2_bn_mode"] = bn_mode
-    return TrainSpec.from_recipe(recipe, params=params, frozen_backbone=True, bn_mode=bn_mode, **kw)
+    return TrainSpec.from_recipe(recipe, params=params, frozen_backbone=True, bn_mode=bn_mode, stage="stage2", **kw)
 
 
 def reinit_linear(model: nn.Module) -> None:

@@ -20,7 +20,7 @@ from harness import HarnessError
 EPOCH_STEPS = ("all", "floor", "ceil+1")
 
 
-def epoch_samples(rule: str, n_train: int, batch: int, sampler: str = "instance") -> int:
+def epoch_samples(rule: str, n_train: int, batch: int, sampler: str = "instance", stage: str = "stage1") -> int:
     """Samples in an epoch. all: every image once, the last batch partial (LDAM's loader);
     floor: int(N / batch) full batches, the rest dropped (classifier-balancing's and BALMS's
     `epoch_steps`, for both samplers); ceil+1: ceil(N / batch) + 1 full class-aware batches
@@ -35,7 +35,8 @@ def epoch_samples(rule: str, n_train: int, batch: int, sampler: str = "instance"
         fits = ("all", "floor") if sampler == "instance" else ("floor", "ceil+1")
         raise HarnessError(f"epoch_steps '{rule}' does not fit the {sampler} sampler; use {' or '.join(fits)}")
     if steps < 1:
-        raise HarnessError(f"{n_train} training images make no full batch of {batch}; lower the batch size")
+        raise HarnessError(f"{n_train} training images make no full batch of {batch}; pass a smaller batch: "
+                           f"--set {stage}.batch_size={n_train} (or less)")
     return steps * batch
 
 

@@ -157,6 +157,18 @@ def test_same_seed_is_deterministic_on_cpu(synth, tmp_path, monkeypatch):
     assert a.metrics == b.metrics
 
 
+def test_a_batch_the_training_set_cannot_fill_names_its_stage_and_a_batch_that_fits(synth):
+    """A class-aware epoch is int(N / batch) full batches; none is an error naming what --set fits
+    (before, "lower the batch size", of whichever stage). Stage 1 is kept for the rerun."""
+    with pytest.raises(HarnessError, match=r"(\d+) training images make no full batch of 999; pass a smaller batch: "
+                                           r"--set stage2.batch_size=\1 \(or less\)") as failed:
+        run("crt", synth, settings={"stage2.batch_size": 999})
+    n_train = int(str(failed.value).split()[0])
+    assert n_train <= sum(SYNTH_COUNTS)
+    [fits] = run("crt", synth, settings={"stage2.batch_size": n_train})
+    assert fits.stage1_cached
+
+
 def test_a_crash_leaves_a_failed_row_and_no_metrics(synth, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("simulated crash in stage 2")
