@@ -101,12 +101,15 @@ def draw_per_class(ax, data: pd.DataFrame) -> None:
 def draw_weight_norms(ax, data: pd.DataFrame) -> None:
     """Classes from head to tail by training count (a class index is that order only where the
     benchmark numbers its classes so, as the CIFAR-LT cuts do; ImageNet-LT's labels do not)."""
+    from matplotlib.ticker import MaxNLocator
+
     binned = many_classes(data)
     for line, g in data.groupby("line"):
         g = g.sort_values(["train_count", "class_index"], ascending=[False, True], kind="stable")
         rank = pd.Series(np.arange(len(g)))
         x, y = bin_means(rank, g["weight_norm"], 50, log=False) if binned else (rank, g["weight_norm"])
         ax.plot(x, y, marker=".", ms=3, lw=1.2, label=line)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # a rank: 0.25 of a class is no place
     ax.set_xlabel("classes by training count (head → tail)")
     ax.set_ylabel("‖w_c‖ of the final classifier" + (", bin mean" if binned else ""))
     ax.set_title("Classifier weight norm per class" +

@@ -735,6 +735,8 @@ def test_weight_norms_run_head_to_tail_by_training_count_and_many_classes_are_bi
                         "weight_norm": [0.5, 2.0, 1.0], "accuracy": [10.0, 90.0, 50.0]})
     [line] = drawn_lines(draw_weight_norms, few).get_lines()
     assert line.get_xdata().tolist() == [0, 1, 2] and line.get_ydata().tolist() == [2.0, 1.0, 0.5]
+    ticks = drawn_lines(draw_weight_norms, few).get_xticks()
+    assert all(t == int(t) for t in ticks), ticks   # class ranks, not 0.25 steps between them
     ax = drawn_lines(draw_per_class, few)
     assert ax.get_lines()[0].get_xdata().tolist() == [50, 20, 5] and "bins" not in ax.get_title()
     n = 10 * MOST_CLASSES
