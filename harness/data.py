@@ -177,6 +177,7 @@ class LTData:
     test_x: torch.Tensor
     test_y: torch.Tensor
     train_counts: list[int] = field(default_factory=list)
+    data_name: str | None = None   # which data, where the dataset is whatever the user gives (FileLTData's)
 
     def checksum(self) -> str:
         """sha256 over the exact tensors a run sees (provenance)."""

@@ -58,6 +58,10 @@ class DatasetSpec:
         """Whether a run has a validation split: one is held out of the images the profile left."""
         return val_per_class > 0
 
+    def data_name(self, data_root: Path | None) -> str | None:
+        """Which data, where the dataset is whatever the user gives; a registered benchmark's is itself."""
+        return None
+
     def device_data(self, data: LTData, device, recipe: dict | None = None):
         """The data on the device, with the recipe's augmentation (crop, flip) and normalisation."""
         from harness.engine import DeviceData

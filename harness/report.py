@@ -31,11 +31,13 @@ from harness.store import ClassMetric, CurvePoint, Metric, Run, Store
 GROUPS = ("all", "many", "medium", "few")
 TASK = "Long-tail Learning"
 METRIC_NAMES = {"top1": "Top-1 Accuracy", "error": "Error Rate", "ece": "ECE"}
-BOARD_KEY = ["dataset", "rho", "preset"]
+BOARD_KEY = ["dataset", "data", "rho", "preset"]   # data: which folder, for a dataset that is the user's (else "")
 ROW_KEY = ["method", *SETUP]       # a board row: one method on one setup
 RANKED = and_(Run.status == "completed", Run.study.is_(None))
 # a study's chosen setting, retrained: preset tuned, or <preset>-tuned for another budget (harness.tune)
 TUNED_PRESETS = or_(Run.preset == "tuned", Run.preset.like("%-tuned"))
+# the folder a folder-lt run read (harness.streaming.folder_name), "" for a registered benchmark's
+BOARD_DATA = func.coalesce(Run.extra["data_name"].as_string(), "")
 PLOT_ORDER = (PER_CLASS, WEIGHT_NORMS, RELIABILITY, TAU_SWEEP, TUNING)
 
 
@@ -80,11 +82,11 @@ def counted_runs(only: Selection = EVERY_BOARD):
     tau_chosen_on = Run.extra["tau_selected_on"].as_string()   # τ-norm, post-hoc LA: val, or test without one
     recipe = Run.extra["recipe_changes"].as_string()   # None: the shipped benchmarks.yaml's recipe
     newest_first = func.row_number().over(
-        partition_by=[Run.dataset, Run.rho, Run.preset, Run.method, Run.backbone, Run.generator, epochs,
+        partition_by=[Run.dataset, BOARD_DATA, Run.rho, Run.preset, Run.method, Run.backbone, Run.generator, epochs,
                       augmentation, recipe, precision, tau_chosen_on, Run.seed],
         order_by=[Run.finished_at.desc(), Run.id.desc()])
-    runs = select(Run.id, Run.dataset, Run.rho, Run.preset, Run.method, Run.backbone, Run.generator,
-                  epochs.label("epochs"), augmentation.label("augmentation"), recipe.label("recipe"),
+    runs = select(Run.id, Run.dataset, BOARD_DATA.label("data"), Run.rho, Run.preset, Run.method, Run.backbone,
+                  Run.generator, epochs.label("epochs"), augmentation.label("augmentation"), recipe.label("recipe"),
                   precision.label("precision"), tau_chosen_on.label("tau_chosen_on"),
                   newest_first.label("newest_first")).where(RANKED, only.where()).subquery()
     return select(runs).where(runs.c.newest_first == 1).subquery("counted")
@@ -96,15 +98,15 @@ def load_results(store: Store, only: Selection = EVERY_BOARD) -> pd.DataFrame:
     counted = counted_runs(only)
     top1 = [func.max(case((Metric.group == g, Metric.top1))).label(f"top1_{g}") for g in GROUPS]
     ece = func.max(case((Metric.group == "all", Metric.ece))).label("ece_all")
-    query = (select(Run.id, Run.method, Run.dataset, Run.rho, Run.backbone, Run.generator, Run.seed, Run.preset,
-                    Run.finished_at, Run.wall_seconds, Run.device, Run.git_commit, Run.stage1_cached,
+    query = (select(Run.id, Run.method, Run.dataset, counted.c.data, Run.rho, Run.backbone, Run.generator, Run.seed,
+                    Run.preset, Run.finished_at, Run.wall_seconds, Run.device, Run.git_commit, Run.stage1_cached,
                     counted.c.epochs, counted.c.augmentation, counted.c.recipe, counted.c.precision,
                     counted.c.tau_chosen_on,
                     Run.extra["stage1_seconds"].as_float().label("stage1_seconds"), *top1, ece)
              .join(counted, counted.c.id == Run.id)
              .outerjoin(Metric, and_(Metric.run_id == Run.id, Metric.split == "test"))
-             .group_by(Run.id, counted.c.epochs, counted.c.augmentation, counted.c.recipe, counted.c.precision,
-                       counted.c.tau_chosen_on))
+             .group_by(Run.id, counted.c.data, counted.c.epochs, counted.c.augmentation, counted.c.recipe,
+                       counted.c.precision, counted.c.tau_chosen_on))
     with store.engine.connect() as con:
         df = pd.read_sql(query, con)
     if df.empty:
@@ -162,7 +164,8 @@ def load_studies(store: Store, only: Selection = EVERY_BOARD) -> dict[tuple, lis
     its trials' objective (validation top-1) by trial number (extra["trial"]["number"])."""
     counted = counted_runs(only)
     with store.engine.connect() as con:
-        tuned = pd.read_sql(select(Run.dataset, Run.rho, Run.preset, Run.method, Run.extra["tuning"].label("tuning"))
+        tuned = pd.read_sql(select(Run.dataset, counted.c.data, Run.rho, Run.preset, Run.method,
+                                   Run.extra["tuning"].label("tuning"))
                             .join(counted, counted.c.id == Run.id).where(TUNED_PRESETS).order_by(Run.method), con)
         tuned = tuned[tuned["tuning"].map(lambda t: isinstance(t, dict) and "study" in t)]
         if tuned.empty:
@@ -175,7 +178,7 @@ def load_studies(store: Store, only: Selection = EVERY_BOARD) -> dict[tuple, lis
                              .order_by(Run.study, "number"), con)
     studies: dict[tuple, dict[str, Study]] = {}
     for row in tuned.itertuples():
-        found = studies.setdefault((row.dataset, row.rho, row.preset), {})
+        found = studies.setdefault((row.dataset, row.data, row.rho, row.preset), {})
         name = row.tuning["study"]
         found.setdefault(name, Study(
             method=row.method, name=name, objective=row.tuning.get("objective", "val top-1"),
@@ -192,6 +195,7 @@ def load_studies(store: Store, only: Selection = EVERY_BOARD) -> dict[tuple, lis
 class Board:
     dataset: str
     title: str                  # the dataset's title, once named (name_boards); the dataset until then
+    data: str                   # which folder, for a dataset that is whatever the user gives ("": a benchmark)
     rho: float
     preset: str
     metric: str                 # the benchmark's leading metric: top1 or error
@@ -203,11 +207,11 @@ class Board:
 
     @property
     def key(self) -> tuple:
-        return self.dataset, self.rho, self.preset
+        return self.dataset, self.data, self.rho, self.preset
 
     @property
     def slug(self) -> str:
-        return slugify(f"{self.dataset}-rho{self.rho:g}-{self.preset}")
+        return slugify(f"{self.dataset}{f'-{self.data}' if self.data else ''}-rho{self.rho:g}-{self.preset}")
 
     @property
     def name(self) -> str:
@@ -240,23 +244,24 @@ def build_boards(store: Store, benchmarks: str | None = None, plots: bool = True
 
 def check_selection(store: Store, only: Selection) -> None:
     with store.engine.connect() as con:
-        boards = con.execute(select(Run.dataset, Run.rho, Run.preset).where(RANKED).distinct()
-                             .order_by(Run.dataset, Run.rho.desc(), Run.preset)).all()
+        boards = con.execute(select(Run.dataset, BOARD_DATA, Run.rho, Run.preset).where(RANKED).distinct()
+                             .order_by(Run.dataset, BOARD_DATA, Run.rho.desc(), Run.preset)).all()
     if boards:
-        there = ", ".join(f"{dataset} ρ={rho:g} {preset}" for dataset, rho, preset in boards)
+        there = ", ".join(f"{dataset}{f' ({data})' if data else ''} ρ={rho:g} {preset}"
+                          for dataset, data, rho, preset in boards)
         raise HarnessError(f"no board matches {only}; pass one of the store's: {there}")
 
 
 def rank_boards(doc: dict, results: pd.DataFrame, studies: dict[tuple, list[Study]]) -> list[Board]:
     boards = []
-    for (dataset, rho, preset), rows in aggregate(results).groupby(BOARD_KEY, sort=True):
+    for (dataset, data, rho, preset), rows in aggregate(results).groupby(BOARD_KEY, sort=True):
         refs = references_for(doc, dataset, rho)
         rows = compare_with_papers(rank(rows.drop(columns=BOARD_KEY)), refs, preset)
         metric = doc["benchmarks"].get(dataset, {}).get("metric", "top1")
-        boards.append(Board(dataset=dataset, title=dataset, rho=float(rho), preset=preset, metric=metric, rows=rows,
-                            references=refs, studies=studies.get((dataset, rho, preset), [])))
+        boards.append(Board(dataset=dataset, title=dataset, data=data, rho=float(rho), preset=preset, metric=metric,
+                            rows=rows, references=refs, studies=studies.get((dataset, data, rho, preset), [])))
     order = {"paper": 0}
-    boards.sort(key=lambda b: (b.dataset, -b.rho, order.get(b.preset, 1), b.preset))
+    boards.sort(key=lambda b: (b.dataset, b.data, -b.rho, order.get(b.preset, 1), b.preset))
     return boards
 
 
@@ -291,7 +296,7 @@ def load_titles(store: Store) -> Titles:
 
 def name_boards(boards: list[Board], titles: Titles) -> None:
     for b in boards:
-        b.title = titles.datasets.get(b.dataset, b.dataset)
+        b.title = titles.datasets.get(b.dataset, b.dataset) + (f": {b.data}" if b.data else "")
         b.about = {m: titles.methods.get(m) or method_about(m) for m in b.rows["method"]}
 
 
@@ -621,7 +626,8 @@ def render_markdown(boards: list[Board], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     lines = ["# Leaderboards", "", "Generated by `harness report` from the results store. "
-             "Each board is one dataset, imbalance ratio and preset; presets are never ranked together. "
+             "Each board is one dataset (an image folder: one folder), imbalance ratio and preset; presets are "
+             "never ranked together. "
              "Values are mean ± sample std over seeds; \"—\" is an empty shot group or a single seed's std.", ""]
     rows = [[f"[{l['board'].name}]({l['board'].slug}.md)", l["board"].preset, l["method"], fmt(l["top1"]),
              l["n_methods"], l["n_runs"]] for l in leaders(boards)]
@@ -702,6 +708,7 @@ def board_frame(boards: list[Board]) -> pd.DataFrame:
         df.insert(0, "preset", b.preset)
         df.insert(0, "rho", b.rho)
         df.insert(0, "dataset", b.dataset)
+        df.insert(1, "data", b.data)
         df["error_mean"] = 100.0 - df["all_mean"]
         frames.append(df)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -187,8 +187,8 @@ def execute(req: RunRequest) -> list[RunResult]:
     ddata = spec.device_data(data, device, cfg0.recipe)
     ddata.precision = cfg0.precision
     training_checksum = data.training_checksum()
-    jobs = [plan_job(method, cfg, spec, data, ddata, training_checksum, cache, req.extra)
-            for method, _, cfg in prepared]
+    extra = {**req.extra, **({"data_name": data.data_name} if data.data_name else {})}
+    jobs = [plan_job(method, cfg, spec, data, ddata, training_checksum, cache, extra) for method, _, cfg in prepared]
     # opened only once the request is known to be good: bad input creates nothing; under
     # torchrun only rank 0 writes (the others train their shards and evaluate alike)
     store = Store(req.db) if rank == 0 else None

@@ -50,6 +50,9 @@ class FileLTData:
     test: list[tuple[str, int]]
     train_counts: list[int] = field(default_factory=list)
     list_digest: str = ""
+    # which data, where the dataset is whatever folder the user gives (folder-lt): its runs are
+    # recorded with it, and a board ranks the runs of one folder only
+    data_name: str | None = None
 
     def checksum(self) -> str:
         """sha256 over the split lists a run sees (the images are the user's files)."""
@@ -107,6 +110,10 @@ class ListDatasetSpec:
         """Whether a run has a validation split: the release's val list at its natural ratio (iNat
         has none: its val images are its test set), else one held out of the images left over."""
         return "val" in self.lists if generator == "natural" else val_per_class > 0
+
+    def data_name(self, data_root: Path | None) -> str | None:
+        """Which data, where the dataset is whatever the user gives; a release's is itself."""
+        return None
 
     def natural_rho(self, data_root: Path | None) -> float:
         """n_max / n_min of the release's training list (the only ratio it has)."""
@@ -204,6 +211,9 @@ class FolderLTSpec(ListDatasetSpec):
     def natural_rho(self, data_root: Path | None) -> float:
         return ratio(np.bincount([y for _, y in self._tree(data_root)["train"]]))
 
+    def data_name(self, data_root: Path | None) -> str | None:
+        return folder_name(self._tree(data_root))
+
     def build(self, rho, generator, val_per_class, data_root: Path | None, download: bool = False,
               cache: Path | None = None) -> FileLTData:
         from harness.data import check_tail, holdout_val, lt_counts, select_lt
@@ -222,7 +232,16 @@ class FolderLTSpec(ListDatasetSpec):
             train, val = [items[i] for i in kept], [items[i] for i in held]
         counts = np.bincount([y for _, y in train], minlength=len(classes)).tolist()
         digest = hashlib.sha256(repr((str(tree["top"].resolve()), train, val, tree["test"])).encode()).hexdigest()
-        return FileLTData(self.name, tree["top"], len(classes), classes, train, val, tree["test"], counts, digest)
+        return FileLTData(self.name, tree["top"], len(classes), classes, train, val, tree["test"], counts, digest,
+                          folder_name(tree))
+
+
+def folder_name(tree: dict) -> str:
+    """An image folder as its boards name it: the folder's name and a digest of its class folders'
+    files (wherever it lies, whatever ratio and validation split are cut from it), so that two
+    folders, or one whose images changed, are never ranked on one board."""
+    files = hashlib.sha256(repr((tree["classes"], tree["train"], tree["test"])).encode()).hexdigest()
+    return f"{tree['top'].resolve().name} {files[:8]}"
 
 
 # ---------------------------------------------------------------- decoding and augmentation

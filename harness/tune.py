@@ -19,9 +19,11 @@ import re
 import time
 import warnings
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from harness import HarnessError
 from harness.config import recipe_keys
+from harness.registry import DATASETS
 from harness.runner import RunRequest, RunStopped, asked_precision, execute, prepare
 
 # Optuna's liveness check: a trial whose process has not beaten for GRACE_SECONDS is dead
@@ -146,6 +148,9 @@ def study_name(req: TuneRequest, space: list[Dimension]) -> str:
                                        ("val_per_class", r.val_per_class), ("precision", asked_precision(r)))
                   if v is not None]
     overridden += [["set", key, value] for key, value in sorted(r.settings.items())]
+    # an image folder's trials are of that folder (the benchmarks' names are their data)
+    folder = DATASETS.get(r.dataset).data_name(Path(r.data_root) if r.data_root else None)
+    overridden += [["data", folder]] if folder else []
     digest = hashlib.sha256(json.dumps([[d.key, d.text] for d in space] + overridden).encode()).hexdigest()[:8]
     rho = r.rho if r.rho == "natural" else f"{float(r.rho):g}"
     return f"{r.method}-{r.dataset}-rho{rho}-{r.preset}-seed{r.seeds[0]}-{digest}"

@@ -1,5 +1,6 @@
 """Large benchmarks on a miniature: an ImageNet-LT-shaped tree with split lists in the
 real format, streamed through DataLoader workers into a small timm model; folder-lt."""
+import re
 import textwrap
 
 import numpy as np
@@ -177,6 +178,20 @@ def test_folder_lt_natural_and_cut_to_a_ratio(large, tmp_path):
     val = {m.group: m.n_classes for m in row.metrics if m.split == "val"}
     assert val["all"] == 3
     assert FOLDER_LT.workers >= 1  # this spec decodes in DataLoader worker processes
+    assert natural.extra["data_name"] == cut.extra["data_name"] == FOLDER_LT.build(4.0, "ldam", 20, root).data_name
+
+
+def test_an_image_folder_is_named_by_its_folder_and_files_wherever_it_lies(tmp_path):
+    """What keeps two folders' runs on two boards: the same files elsewhere are the same data,
+    one more image is other data."""
+    here = folder_tree(tmp_path / "a" / "birds", [30, 20, 30])
+    name = FOLDER_LT.build(4.0, "ldam", 2, here).data_name
+    assert re.fullmatch(r"birds [0-9a-f]{8}", name)
+    assert FOLDER_LT.build(2.0, "ldam", 0, here).data_name == name   # another cut of the same folder
+    moved = folder_tree(tmp_path / "b" / "birds", [30, 20, 30])
+    assert FOLDER_LT.build(4.0, "ldam", 2, moved).data_name == name
+    grown = folder_tree(tmp_path / "c" / "birds", [30, 21, 30])
+    assert FOLDER_LT.build(4.0, "ldam", 2, grown).data_name != name
 
 
 def test_folder_lt_stage1_learns_from_the_training_list_whichever_validation_split(tmp_path):
@@ -281,6 +296,20 @@ def test_tuning_without_a_validation_split_at_the_natural_ratio_is_refused_befor
     with pytest.raises(HarnessError, match=r"validation split, and Image folder \(LT\) at --rho natural has none"):
         tune(req, report=lambda line: None)
     assert not (tmp_path / "results.db").exists()
+
+
+def test_tuning_on_two_image_folders_makes_two_studies(large, tmp_path):
+    """A study's trials are of one folder: before, a second folder's search resumed the first's."""
+    from harness.tune import TuneRequest, search_space, study_name
+
+    def name(root):
+        req = TuneRequest(run=RunRequest(method="wb", dataset="folder-lt", rho=4.0, data_root=str(root), device="cpu",
+                                         progress=False), trials=1)
+        return study_name(req, search_space(req))
+
+    first = name(folder_tree(tmp_path / "a" / "folder", [30, 20, 30]))
+    assert name(folder_tree(tmp_path / "b" / "folder", [30, 20, 30])) == first   # the same files elsewhere
+    assert name(folder_tree(tmp_path / "c" / "folder", [30, 21, 30])) != first
 
 
 def test_a_saved_folder_lt_model_names_the_resizing_its_inputs_take(large, tmp_path):

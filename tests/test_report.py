@@ -327,21 +327,39 @@ def test_pwc_json_shape(boards):
     assert set(ds["sota"]["rows"][0]["metrics"]) == {"Top-1 Accuracy", "Error Rate"}
 
 
+def test_two_image_folders_at_one_ratio_are_two_boards_named_by_their_folders(tmp_path, bench):
+    """folder-lt is whatever folder a run read: before, every folder at a ratio was ranked on one board."""
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    for run_id, seed, top1, folder in [("b0", 0, 60.0, "birds 1a2b3c4d"), ("b1", 1, 62.0, "birds 1a2b3c4d"),
+                                       ("c0", 0, 30.0, "cars 5e6f7a8b")]:
+        add_run(store, run_id, "ce", seed, top1, dataset="folder-lt", rho=100.0, extra={"data_name": folder})
+    boards = rep.build_boards(store, bench, plot_cache=tmp_path / "plots")
+    assert {b.name: b.rows["all_mean"].tolist() for b in boards} == {
+        "Image folder (LT): birds 1a2b3c4d (ρ=100)": [61.0], "Image folder (LT): cars 5e6f7a8b (ρ=100)": [30.0]}
+    assert [b.slug for b in boards] == ["folder-lt-birds-1a2b3c4d-rho100-paper", "folder-lt-cars-5e6f7a8b-rho100-paper"]
+    assert all(PER_CLASS in b.plots for b in boards)
+    table = list(csv.DictReader(io.StringIO(rep.render_csv(boards))))
+    assert [(r["data"], r["all_mean"]) for r in table] == [("birds 1a2b3c4d", "61.0"), ("cars 5e6f7a8b", "30.0")]
+    with pytest.raises(HarnessError, match=r"pass one of the store's: folder-lt \(birds 1a2b3c4d\) ρ=100 paper, "
+                                           r"folder-lt \(cars 5e6f7a8b\) ρ=100 paper"):
+        rep.build_boards(store, bench, plots=False, only=rep.Selection(rhos=(50.0,)))
+
+
 def test_a_selection_ranks_only_its_boards_and_draws_only_their_plots(boards, tmp_path):
     _, store, bench = boards
     add_run(store, "far", "ce", 0, 40.0, rho=112 / 3)         # a natural ratio: 37.3333 on the board
     add_run(store, "other", "ce", 0, 60.0, dataset="fmnist-lt")
     keys = lambda bs: [b.key for b in bs]
     assert keys(rep.build_boards(store, bench, plots=False, only=rep.Selection(presets=("quick",)))) == \
-        [("cifar10-lt", 10.0, "quick")]
+        [("cifar10-lt", "", 10.0, "quick")]
     [natural] = rep.build_boards(store, bench, plot_cache=tmp_path / "plots", only=rep.Selection(rhos=(37.3333,)))
     assert natural.rows["all_mean"].tolist() == [40.0] and set(natural.plots) == {PER_CLASS, WEIGHT_NORMS}
     both = rep.Selection(datasets=("cifar10-lt", "fmnist-lt"), rhos=(10.0,), presets=("paper",))
     assert keys(rep.build_boards(store, bench, plots=False, only=both)) == \
-        [("cifar10-lt", 10.0, "paper"), ("fmnist-lt", 10.0, "paper")]
+        [("cifar10-lt", "", 10.0, "paper"), ("fmnist-lt", "", 10.0, "paper")]
     cached = len(list((tmp_path / "plots").glob("*.png")))
     rendering = rep.start_plots(store, {}, rep.PlotCache(tmp_path / "plots"), both)
-    assert {key for key, _ in rendering.keys} == {("cifar10-lt", 10.0, "paper"), ("fmnist-lt", 10.0, "paper")}
+    assert {key for key, _ in rendering.keys} == {("cifar10-lt", "", 10.0, "paper"), ("fmnist-lt", "", 10.0, "paper")}
     rendering.result()
     # one plot more (fmnist-lt's per-class accuracy), none pruned: the unselected boards' stay cached
     assert len(list((tmp_path / "plots").glob("*.png"))) == cached + 1
@@ -458,7 +476,7 @@ def test_loading_reads_the_recipe_and_skips_trials_on_every_backend(store_url, b
     assert results.loc["paper0", "augmentation"] == "crop+flip"    # not recorded: the default
     assert (quick["top1_all"], quick["top1_many"], quick["top1_medium"]) == (60.0, 70.0, 50.0)
     assert pd.isna(quick["top1_few"])
-    [study] = rep.load_studies(store)[("cifar10-lt", 10.0, "quick-tuned")]   # a quick budget's tuned runs
+    [study] = rep.load_studies(store)[("cifar10-lt", "", 10.0, "quick-tuned")]   # a quick budget's tuned runs
     assert study.chosen == {"lr": 0.02, "weight_decay": 0.005} and study.trials.values.tolist() == [[7, 55.0]]
 
 
@@ -607,7 +625,7 @@ def test_a_board_draws_the_reliability_of_the_runs_that_measured_it_in_their_per
     assert board.plots[RELIABILITY].startswith("data:image/png;base64,")
     monkeypatch.setattr(rep, "Rendering", lambda jobs, cache, prune: jobs)   # the jobs, undrawn
     jobs = rep.start_plots(store, {}, rep.PlotCache(tmp_path / "plots"))
-    paper, quick = ("cifar10-lt", 10.0, "paper"), ("cifar10-lt", 10.0, "quick")
+    paper, quick = ("cifar10-lt", "", 10.0, "paper"), ("cifar10-lt", "", 10.0, "quick")
     assert (quick, RELIABILITY) not in jobs and (quick, PER_CLASS) in jobs
     # the seeds' mean per bin; ce and wb in their colours of the per-class plot (ce, ncm, wb: C0, C1, C2)
     assert jobs[paper, RELIABILITY].data.values.tolist() == [["ce", "C0", 90.0, 75.0], ["ce", "C0", 96.6667, 90.0],
