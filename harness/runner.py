@@ -15,7 +15,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from sqlalchemy import select
 
 from harness import HarnessError
 from harness.augment import augmentation_transforms
@@ -32,7 +31,7 @@ from harness.migrate import NoStore
 from harness.models import build_model, check_backbone, head_weight, reinitialise, under
 from harness.provenance import git_commit, package_versions, this_process
 from harness.registry import DATASETS, METHODS
-from harness.store import ClassMetric, Run, Store, now
+from harness.store import ClassMetric, Run, Store, completed_of, now
 
 
 @dataclass
@@ -140,11 +139,11 @@ class Preview:
 
 def preview(req: RunRequest) -> Preview:
     configs = [prepare(req, seed)[2] for seed in req.seeds]
-    data_root(req)   # the data itself is left to the run: loading it may mean a download
+    root = data_root(req)   # the data itself is left to the run: loading it may mean a download
+    data = DATASETS.get(req.dataset).data_name(root)
     try:
         with Store(req.db, create=False) as store, store.session() as s:
-            rows = s.execute(select(Run.config_hash, Run.id).where(
-                Run.status == "completed", Run.config_hash.in_([cfg.config_hash() for cfg in configs]))).all()
+            rows = completed_of(s, [cfg.config_hash() for cfg in configs], data)
     except NoStore as exc:   # a first run makes it
         return Preview(configs, {}, str(exc))
     ids: dict[str, list[str]] = {}

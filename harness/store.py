@@ -131,6 +131,15 @@ def _sqlite_begin(conn) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def completed_of(session: Session, config_hashes: list[str], data_name: str | None) -> list[tuple[str, str]]:
+    """(config hash, run id) of the completed runs of these configs on this data: a run on one
+    image folder is no run on another (harness.streaming.folder_name); a benchmark's runs name none."""
+    data = Run.extra["data_name"].as_string()
+    return session.execute(select(Run.config_hash, Run.id).where(
+        Run.status == "completed", Run.config_hash.in_(config_hashes),
+        data.is_(None) if data_name is None else data == data_name)).all()
+
+
 class Store:
     def __init__(self, url: str | None = None, create: bool = True):
         """`create=False` for commands that only read (list, show, report): a store that does

@@ -212,7 +212,10 @@ class FolderLTSpec(ListDatasetSpec):
         return ratio(np.bincount([y for _, y in self._tree(data_root)["train"]]))
 
     def data_name(self, data_root: Path | None) -> str | None:
-        return folder_name(self._tree(data_root))
+        """None without a folder there: the run is the one to refuse it, with the fix."""
+        from harness.datasets import folder_layout
+
+        return folder_name(self._tree(data_root)) if folder_layout(data_root) is not None else None
 
     def build(self, rho, generator, val_per_class, data_root: Path | None, download: bool = False,
               cache: Path | None = None) -> FileLTData:

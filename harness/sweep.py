@@ -12,14 +12,13 @@ import json
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from multiprocessing import get_context
-
-from sqlalchemy import select
+from pathlib import Path
 
 from harness import HarnessError
 from harness.config import load_benchmarks
 from harness.registry import DATASETS
 from harness.runner import RunRequest, execute, prepare
-from harness.store import Run, Store
+from harness.store import Store, completed_of
 
 
 @dataclass
@@ -44,9 +43,11 @@ def plan(base: RunRequest, methods=None, datasets=None, rhos=None, seeds=(0,)) -
         if name not in benches:
             raise HarnessError(f"dataset '{name}' has no entry in {doc['_path']}; "
                                f"benchmarks there: {', '.join(sorted(benches))}")
-    grid = []   # (method, dataset, rho, [(seed, config hash)], stage-1 recipe): every request validated first
+    # (method, dataset, rho, [(seed, config hash)], stage-1 recipe, data name): every request validated first
+    grid = []
     for dataset in datasets or list(benches):
-        DATASETS.get(dataset)  # an unregistered dataset fails here, with the known names
+        spec = DATASETS.get(dataset)  # an unregistered dataset fails here, with the known names
+        data = spec.data_name(Path(base.data_root) if base.data_root else None)   # an image folder's
         bench = benches[dataset]
         for rho in rhos or bench.get("rhos", []):
             rho = rho if rho == "natural" else float(rho)
@@ -56,14 +57,17 @@ def plan(base: RunRequest, methods=None, datasets=None, rhos=None, seeds=(0,)) -
                     _, _, cfg = prepare(replace(base, method=method, dataset=dataset, rho=rho, seeds=[seed]), seed)
                     hashes.append((seed, cfg.config_hash()))
                     stage1 = cfg.recipe["stage1"]
-                grid.append((method, dataset, rho, hashes, stage1))
+                grid.append((method, dataset, rho, hashes, stage1, data))
     # opened only once the grid is known to be good: bad input creates no store
+    asked: dict[str | None, list[str]] = {}
+    for *_, hashes, _, data in grid:
+        asked.setdefault(data, []).extend(h for _, h in hashes)
     with Store(base.db) as store, store.session() as s:
-        done = set(s.scalars(select(Run.config_hash).where(Run.status == "completed")).all())
+        done = {(h, data) for data, config_hashes in asked.items() for h, _ in completed_of(s, config_hashes, data)}
     planned = []
-    for method, dataset, rho, hashes, stage1 in grid:
-        todo = [seed for seed, h in hashes if h not in done]
-        skipped = [seed for seed, h in hashes if h in done]
+    for method, dataset, rho, hashes, stage1, data in grid:
+        todo = [seed for seed, h in hashes if (h, data) not in done]
+        skipped = [seed for seed, h in hashes if (h, data) in done]
         if hashes:
             planned.append(Planned(replace(base, method=method, dataset=dataset, rho=rho, seeds=todo), skipped,
                                    chain_key(dataset, rho, stage1, base.precision)))

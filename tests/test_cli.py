@@ -289,7 +289,7 @@ def test_report_renders_the_boards_asked_for_and_names_the_store_s_when_none_mat
 
     finished_store(env["HARNESS_DB"]).close()   # one board: synth-lt, ρ=100, quick
     out = harness("report", "--format", "csv", "--dataset", "synth-lt", "--rho", "100", "--preset", "quick", env=env)
-    assert out.returncode == 0 and "synth-lt,100.0,quick,ce" in out.stdout, out.stderr
+    assert out.returncode == 0 and "synth-lt,,100.0,quick,ce" in out.stdout, out.stderr
     site = harness("report", "--out", str(tmp_path / "site"), "--preset", "quick", "paper", env=env)
     assert site.returncode == 0 and site.stdout.startswith("1 board, ") and (tmp_path / "site" / "index.html").exists()
     for args in (["--rho", "10"], ["--dataset", "synth-lt,cifar10-lt", "--preset", "paper"]):

@@ -298,6 +298,22 @@ def test_tuning_without_a_validation_split_at_the_natural_ratio_is_refused_befor
     assert not (tmp_path / "results.db").exists()
 
 
+def test_a_run_on_one_image_folder_is_not_done_for_another(large, tmp_path):
+    """sweep and run --dry-run find a config's completed runs on this folder only: before, one
+    folder's runs made a sweep of another skip its seeds as done."""
+    from harness.runner import preview
+    from harness.sweep import plan
+
+    first = folder_tree(tmp_path / "a" / "folder", [30, 20, 30])
+    other = folder_tree(tmp_path / "b" / "folder", [30, 21, 30])
+    [done] = run("ce", first, dataset="folder-lt", rho=4.0)
+    for root, skipped, completed in [(first, [0], [done.run_id]), (other, [], [])]:
+        base = RunRequest(method="ce", dataset="folder-lt", rho=4.0, data_root=str(root), device="cpu", progress=False)
+        [planned] = plan(base, methods=["ce"], datasets=["folder-lt"], rhos=[4.0], seeds=[0])
+        assert planned.skipped_seeds == skipped and planned.request.seeds == [0][len(skipped):]
+        assert preview(base).completed == {0: completed}
+
+
 def test_tuning_on_two_image_folders_makes_two_studies(large, tmp_path):
     """A study's trials are of one folder: before, a second folder's search resumed the first's."""
     from harness.tune import TuneRequest, search_space, study_name
