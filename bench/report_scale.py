@@ -32,7 +32,7 @@ from harness.store import ClassMetric, Metric, Run, Store
 
 METHODS = ["ce", "crt", "lws", "tau_norm", "fbl", "wb"]
 # what every run records of its method and dataset (harness.runner), so a report needs no plugin
-TITLES = {m: {"method_title": m.upper(), "method_paper": f"paper of {m}"} for m in METHODS}
+TITLES = {m: {"method_title": m.upper(), "method_label": m.upper(), "method_paper": f"paper of {m}"} for m in METHODS}
 BOARDS = list(itertools.product(["cifar10-lt", "cifar100-lt", "fmnist-lt"], [100.0, 50.0, 10.0], ["paper", "quick"]))
 STAGE1 = {"epochs": 200, "batch_size": 128, "lr": 0.1, "momentum": 0.9, "weight_decay": 2e-4,
           "schedule": {"kind": "warmup-step", "warmup_epochs": 5, "steps": [[160, 0.01], [180, 0.0001]]}}
@@ -97,12 +97,13 @@ def time_report(url: str, cache: Path, out: Path) -> dict:
     results = rep.load_results(store)
     studies = rep.load_studies(store)
     lap("load")
-    rendering = rep.start_plots(store, studies, PlotCache(cache))
+    titles = rep.load_titles(store, rep.referenced_methods(doc, results))
+    lap("titles")
+    rendering = rep.start_plots(store, studies, PlotCache(cache), titles.labels)
     lap("plots")
     boards = rep.rank_boards(doc, results, studies)
     lap("aggregate")
-    rep.name_boards(boards, rep.load_titles(store))
-    lap("titles")
+    rep.name_boards(boards, titles)
     rep.attach_plots(boards, rendering)
     lap("plots")
     html = rep.render_html(boards, out)

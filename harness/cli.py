@@ -365,15 +365,19 @@ def list_(what: str, db: str | None, names: bool, dataset: str | None, method: s
     elif names and what != "runs":
         click.echo("\n".join((METHODS if what == "methods" else DATASETS).names()))
     elif what == "methods":
+        from harness.method import describe
+
         rows = []
         for name in METHODS.names():
             try:
                 m = METHODS.get(name)
             except HarnessError as exc:  # one broken plugin must not hide the others
-                rows.append([name, "(failed to load)", str(exc)])
+                rows.append([name, "", "(failed to load)", str(exc)])
                 continue
-            rows.append([name, getattr(m, "title", ""), getattr(m, "paper", "")])
-        click.echo(tabulate(rows, headers=["method", "title", "paper"], tablefmt="github", disable_numparse=True))
+            about = describe(m)
+            rows.append([name, about["label"], about["title"], about["paper"]])
+        click.echo(tabulate(rows, headers=["method", "label", "title", "paper"], tablefmt="github",
+                            disable_numparse=True))
     elif what == "datasets":
         rows = []
         for name in DATASETS.names():

@@ -61,6 +61,7 @@ class RunContext:
 class Method:
     name: str = ""
     title: str = ""
+    label: str = ""     # its name in a results table, as papers write it ("cRT"); default: the title
     paper: str = ""
     required_keys: tuple[str, ...] = ()  # keys (dotted: "stage1.drw_epoch") its recipe must have
     tunables: dict[str, str] = {}       # `harness tune`'s default space: key -> "loguniform(lo, hi)", ...
@@ -91,6 +92,13 @@ class Method:
         """Class probabilities of the evaluated head's outputs (images x classes), for the
         calibration error; None where they have none."""
         return outputs.softmax(1)
+
+
+def describe(method) -> dict:
+    """What reports show of a method (a plugin's may lack any of these): its title, its label in
+    a results table, and its paper."""
+    title = getattr(method, "title", "") or method.name
+    return {"title": title, "label": getattr(method, "label", "") or title, "paper": getattr(method, "paper", "")}
 
 
 # ---------------------------------------------------------------- helpers the methods share

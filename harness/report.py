@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,7 +205,7 @@ class Board:
     references: list[Reference] = field(default_factory=list)
     plots: dict[str, str] = field(default_factory=dict)   # name -> data URI
     studies: list[Study] = field(default_factory=list)    # tuned boards: the searches behind them
-    about: dict[str, dict] = field(default_factory=dict)  # method -> its plugin's title and paper
+    about: dict[str, dict] = field(default_factory=dict)  # method -> its title, label and paper (Titles)
 
     @property
     def key(self) -> tuple:
@@ -216,6 +218,10 @@ class Board:
     @property
     def name(self) -> str:
         return f"{self.title} (ρ={self.rho:g})"
+
+    def label(self, method: str) -> str:
+        """The method as the board's tables name it (its label, once named; its registry name until then)."""
+        return self.about.get(method, {}).get("label", method)
 
 
 def slugify(text: str) -> str:
@@ -234,9 +240,11 @@ def build_boards(store: Store, benchmarks: str | None = None, plots: bool = True
             check_selection(store, only)
         return []
     studies = load_studies(store, only)
-    rendering = start_plots(store, studies, PlotCache(plot_cache or default_cache()), only) if plots else None
+    titles = load_titles(store, referenced_methods(doc, results))
+    rendering = (start_plots(store, studies, PlotCache(plot_cache or default_cache()), titles.labels, only)
+                 if plots else None)
     boards = rank_boards(doc, results, studies)
-    name_boards(boards, load_titles(store))
+    name_boards(boards, titles)
     if rendering:
         attach_plots(boards, rendering)
     return boards
@@ -270,34 +278,57 @@ def rank_boards(doc: dict, results: pd.DataFrame, studies: dict[tuple, list[Stud
 @dataclass(frozen=True)
 class Titles:
     datasets: dict[str, str]     # dataset -> title
-    methods: dict[str, dict]     # method -> {"title", "paper"}
+    methods: dict[str, dict]     # method -> {"title", "label", "paper"}; labels unique among them
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {method: about["label"] for method, about in self.methods.items()}
 
 
-def load_titles(store: Store) -> Titles:
-    """Titles as the runs recorded them; only a name no run recorded one for is looked up in
-    its plugin (importing a plugin imports torch, about a second)."""
+def load_titles(store: Store, named: Iterable[str] = ()) -> Titles:
+    """Titles and labels of the stored runs' datasets and methods, and of the methods `named`
+    (the references'), as the runs recorded them; only a name no run recorded them for (a run
+    older than labels, a reference's method with no run) is looked up in its plugin (importing
+    a plugin imports torch, about a second)."""
     query = select(Run.dataset, Run.method, Run.extra["dataset_title"].as_string(),
-                   Run.extra["method_title"].as_string(), Run.extra["method_paper"].as_string()).where(RANKED)
+                   Run.extra["method_title"].as_string(), Run.extra["method_label"].as_string(),
+                   Run.extra["method_paper"].as_string()).where(RANKED)
     with store.engine.connect() as con:
         rows = con.execute(query.distinct()).all()
-    datasets, methods = {}, {}
-    for dataset, method, dataset_name, method_name, paper in rows:
+    datasets, recorded = {}, {}
+    for dataset, method, dataset_name, title, label, paper in rows:
         if dataset_name:
             datasets[dataset] = dataset_name
-        if method_name:
-            methods[method] = {"title": method_name, "paper": paper or ""}
-    for dataset, method, *_ in rows:
+        if title and (label or method not in recorded):
+            recorded[method] = {"title": title, "label": label or "", "paper": paper or ""}
+    for dataset, *_ in rows:
         if dataset not in datasets:
             datasets[dataset] = dataset_title(dataset)
-        if method not in methods:
-            methods[method] = method_about(method)
-    return Titles(datasets, methods)
+    methods = {}
+    for method in sorted({row[1] for row in rows} | set(named)):
+        about = recorded.get(method)
+        methods[method] = about if about and about["label"] else method_about(method, about)
+    return Titles(datasets, distinct_labels(methods))
+
+
+def distinct_labels(methods: dict[str, dict]) -> dict[str, dict]:
+    """Where two methods share a label (a plugin's "CE"), each is told apart by its registry name."""
+    shared = Counter(about["label"] for about in methods.values())
+    return {method: {**about, "label": about["label"] + (f" ({method})" if shared[about["label"]] > 1 else "")}
+            for method, about in methods.items()}
+
+
+def referenced_methods(doc: dict, results: pd.DataFrame) -> set[str]:
+    """The methods that the paper references of the boards of `results` name: their reference
+    tables show them."""
+    boards = results[["dataset", "rho"]].drop_duplicates().itertuples(index=False)
+    return {ref.method for dataset, rho in boards for ref in references_for(doc, dataset, rho)}
 
 
 def name_boards(boards: list[Board], titles: Titles) -> None:
     for b in boards:
         b.title = titles.datasets.get(b.dataset, b.dataset) + (f": {b.data}" if b.data else "")
-        b.about = {m: titles.methods.get(m) or method_about(m) for m in b.rows["method"]}
+        b.about = {m: titles.methods[m] for m in {*b.rows["method"], *(ref.method for ref in b.references)}}
 
 
 def dataset_title(dataset: str) -> str:
@@ -309,15 +340,19 @@ def dataset_title(dataset: str) -> str:
         return dataset
 
 
-def method_about(name: str) -> dict:
-    """Title and paper of a registered method; a stored method no longer installed shows its name only."""
+def method_about(name: str, recorded: dict | None = None) -> dict:
+    """Title, label and paper of a registered method; a stored method no longer installed keeps
+    what its runs recorded (a run older than labels: its registry name as its label), or shows
+    its name only."""
     from harness.registry import METHODS
 
     try:
         method = METHODS.get(name)
     except HarnessError:
-        return {"title": name, "paper": ""}
-    return {"title": getattr(method, "title", name) or name, "paper": getattr(method, "paper", "")}
+        return {"title": name, "paper": "", **(recorded or {}), "label": (recorded or {}).get("label") or name}
+    from harness.method import describe
+
+    return describe(method)
 
 
 # ---------------------------------------------------------------- aggregation
@@ -389,19 +424,20 @@ def compare_with_papers(rows: pd.DataFrame, refs: list[Reference], preset: str) 
 
 # ---------------------------------------------------------------- plots
 
-def start_plots(store: Store, studies: dict[tuple, list[Study]], cache: PlotCache,
+def start_plots(store: Store, studies: dict[tuple, list[Study]], cache: PlotCache, labels: dict[str, str],
                 only: Selection = EVERY_BOARD) -> Rendering:
-    """The selected boards' plots, keyed (board key, plot name); those not cached start drawing now."""
+    """The selected boards' plots, keyed (board key, plot name), their lines named by the methods'
+    labels (Titles.labels); those not cached start drawing now."""
     jobs, lines = {}, {}
     for key, g in load_class_means(store, only).groupby(BOARD_KEY, sort=False):
-        g = g.assign(line=line_names(g))
+        g = g.assign(line=line_names(g, labels))
         lines[key] = sorted(set(g["line"]))   # the per-class plot's order, so its colours
         jobs[key, PER_CLASS] = PlotJob(PER_CLASS, g[["line", "train_count", "accuracy"]].reset_index(drop=True))
         jobs[key, WEIGHT_NORMS] = PlotJob(WEIGHT_NORMS,
                                           g[["line", "class_index", "train_count", "weight_norm"]]
                                           .reset_index(drop=True))
     for key, g in load_curves(store, "reliability", only).groupby(BOARD_KEY, sort=False):
-        g = g.assign(line=line_names(g))
+        g = g.assign(line=line_names(g, labels))
         # a row's colour is its colour in the per-class plot (NCM, with no probabilities, is in that one only)
         order = lines.get(key) or sorted(set(g["line"]))
         g = g.assign(colour=[f"C{order.index(line) % 10}" for line in g["line"]])
@@ -416,10 +452,11 @@ def start_plots(store: Store, studies: dict[tuple, list[Study]], cache: PlotCach
     return Rendering(jobs, cache, prune=only == EVERY_BOARD)   # a selection keeps the other boards' plots
 
 
-def line_names(rows: pd.DataFrame) -> list[str]:
-    """Per row of a board's plot data, the line it belongs to: its method, and its setup where the
-    board has that method on several."""
-    return [f"{method} ({setup})" if setup else method for method, setup in zip(rows["method"], setup_names(rows))]
+def line_names(rows: pd.DataFrame, labels: dict[str, str]) -> list[str]:
+    """Per row of a board's plot data, the line it belongs to: its method's label, and its setup
+    where the board has that method on several."""
+    return [f"{labels.get(method, method)}{f' ({setup})' if setup else ''}"
+            for method, setup in zip(rows["method"], setup_names(rows))]
 
 
 def setup_names(rows: pd.DataFrame) -> list[str]:
@@ -520,7 +557,8 @@ def board_table(board: Board) -> tuple[list[str], list[list[str]]]:
     for (_, r), setup in zip(board.rows.iterrows(), setup_cells(board)):
         top1 = fmt_mean_std(r["all_mean"], r["all_std"])
         err = fmt_mean_std(error_of(r["all_mean"]), r["all_std"])
-        cells = {"Rank": f"{r['rank']}{' (tie)' if r['tie'] else ''}", "Method": r["method"], "Setup": setup,
+        cells = {"Rank": f"{r['rank']}{' (tie)' if r['tie'] else ''}", "Method": board.label(r["method"]),
+                 "Setup": setup,
                  "Lead": err if board.metric == "error" else top1, "Other": top1 if board.metric == "error" else err,
                  "n": str(r["n"]), "Many": fmt(r["many_mean"]), "Medium": fmt(r["medium_mean"]),
                  "Few": fmt(r["few_mean"]), "ECE": fmt_ece(r), "Paper top-1": fmt(r["paper"]),
@@ -547,7 +585,7 @@ def reference_table(board: Board) -> tuple[list[str], list[list[str]]]:
     for ref in sorted(board.references, key=lambda r: r.method not in on_board):  # ours first, in file order
         found = closest_differences(ref, ours)
         differs = "" if found is None else differs_text(found) or "same as ours"
-        rows.append([ref.method, ref.variant or "", fmt(ref.top1), fmt(error_of(ref.top1)), fmt(ref.many),
+        rows.append([board.label(ref.method), ref.variant or "", fmt(ref.top1), fmt(error_of(ref.top1)), fmt(ref.many),
                      fmt(ref.medium), fmt(ref.few), *([fmt(ref.ece)] if with_ece else []), ref.summary(), differs,
                      ref.source])
     return headers, rows
@@ -556,7 +594,7 @@ def reference_table(board: Board) -> tuple[list[str], list[list[str]]]:
 def tuning_table(board: Board) -> tuple[list[str], list[list[str]]]:
     """Per study behind a tuned board: its method, trials, search space and chosen values."""
     headers = ["Method", "Study", "Objective", "Trials", "Search space", "Chosen"]
-    rows = [[s.method, s.name, s.objective,
+    rows = [[board.label(s.method), s.name, s.objective,
              (f"{len(s.trials)} of {s.n_trials}" if s.n_trials else str(len(s.trials)))
              + (f" (+{s.n_pruned} pruned)" if s.n_pruned else ""),
              "; ".join(f"{k}: {v}" for k, v in s.space.items()),
@@ -570,7 +608,7 @@ def method_results(boards: list[Board]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for b in boards:
         for (_, r), setup in zip(b.rows.iterrows(), setup_cells(b)):
-            model = f"{r['method']} ({setup}, preset {b.preset}, n={r['n']})"
+            model = f"{b.label(r['method'])} ({setup}, preset {b.preset}, n={r['n']})"
             values = [("error", error_of(r["all_mean"])), ("top1", r["all_mean"])]
             values += [("ece", r["ece_mean"])] if pd.notna(r["ece_mean"]) else []
             for metric, value in values:
@@ -597,18 +635,19 @@ def render_html(boards: list[Board], out: Path) -> list[Path]:
     written = []
     methods = method_results(boards)
     about = {m: a for b in boards for m, a in b.about.items()}
-    index = env.get_template("index.html").render(boards=boards, methods=sorted(methods), leaders=leaders(boards))
+    nav = sorted(((m, about[m]["label"]) for m in methods), key=lambda pair: pair[1].casefold())  # (id, label)
+    index = env.get_template("index.html").render(boards=boards, methods=nav, leaders=leaders(boards))
     written.append(write(out / "index.html", index))
     for b in boards:
         headers, rows = board_table(b)
         html = env.get_template("board.html").render(
-            board=b, headers=headers, rows=rows, numeric=NUMERIC,
+            board=b, headers=headers, rows=rows, numeric=NUMERIC, row_methods=list(b.rows["method"]),
             differs=[differs_text(d) for d in b.rows["paper_differs"]], references=reference_table(b),
-            tuning=tuning_table(b), methods=sorted(methods), columns_note=columns_note(b))
+            tuning=tuning_table(b), methods=nav, columns_note=columns_note(b))
         written.append(write(out / f"{b.slug}.html", html))
     for method, results in methods.items():
         html = env.get_template("method.html").render(method=method, about=about[method], results=results,
-                                                      methods=sorted(methods))
+                                                      methods=nav)
         written.append(write(out / f"method-{slugify(method)}.html", html))
     return written
 
@@ -617,7 +656,7 @@ def leaders(boards: list[Board]) -> list[dict]:
     out = []
     for b in boards:
         top = b.rows.iloc[0]
-        out.append({"board": b, "method": top["method"], "top1": top["all_mean"], "n_methods": len(b.rows),
+        out.append({"board": b, "method": b.label(top["method"]), "top1": top["all_mean"], "n_methods": len(b.rows),
                     "n_runs": int(b.rows["n"].sum())})
     return out
 
@@ -709,6 +748,7 @@ def board_frame(boards: list[Board]) -> pd.DataFrame:
         df.insert(0, "rho", b.rho)
         df.insert(0, "dataset", b.dataset)
         df.insert(1, "data", b.data)
+        df.insert(df.columns.get_loc("method") + 1, "label", df["method"].map(b.label))
         df["error_mean"] = 100.0 - df["all_mean"]
         frames.append(df)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -758,10 +798,10 @@ def latex_board(b: Board) -> str:
         if r["paper_differs"]:
             mark = note_mark(len(notes))
             paper += f"\\textsuperscript{{{mark}}}"
-            notes.append(f"\\textsuperscript{{{mark}}}{latex_escape(r['method'])}: "
+            notes.append(f"\\textsuperscript{{{mark}}}{latex_escape(b.label(r['method']))}: "
                          f"{latex_escape(differs_text(r['paper_differs']))}.")
         ece = [latex_mean_std(r["ece_mean"], r["ece_std"])] if with_ece else []
-        body.append(" & ".join([latex_escape(r["method"]), latex_escape(setup),
+        body.append(" & ".join([latex_escape(b.label(r["method"])), latex_escape(setup),
                                 latex_mean_std(r["all_mean"], r["all_std"]), fmt(error_of(r["all_mean"])),
                                 fmt(r["many_mean"]), fmt(r["medium_mean"]), fmt(r["few_mean"]), *ece,
                                 str(r["n"]), paper, *([fmt(r["paper_ece"])] if with_paper_ece else []),
@@ -803,7 +843,7 @@ def render_pwc_json(boards: list[Board]) -> str:
     for b in boards:
         # a method on several setups is several rows: each named with its setup, as the board shows it
         several = b.rows["method"].duplicated(keep=False).tolist()
-        rows = [{"model_name": f"{r['method']} ({setup})" if twice else r["method"],
+        rows = [{"model_name": f"{b.label(r['method'])} ({setup})" if twice else b.label(r["method"]),
                  "paper_title": b.about.get(r["method"], {}).get("paper", ""), "paper_url": "", "paper_date": None,
                  "code_links": [], "model_links": [], "uses_additional_data": False,
                  "metrics": {"Top-1 Accuracy": fmt(r["all_mean"]), "Error Rate": fmt(error_of(r["all_mean"])),

@@ -26,7 +26,7 @@ from harness.data import (LTData, confidence_bins, group_accuracies, group_calib
 from harness.distributed import announce, init_from_env, is_main, world
 from harness.engine import (DeviceData, Trainer, TrainSpec, device_name, fit_many, head_outputs, precision_on,
                             resolve_device, train)
-from harness.method import Method, RunContext
+from harness.method import Method, RunContext, describe
 from harness.migrate import NoStore
 from harness.models import build_model, check_backbone, head_weight, reinitialise, under
 from harness.provenance import git_commit, package_versions, this_process
@@ -274,7 +274,8 @@ def check_class_names(names: list[str]) -> None:
 def titles(method: Method, spec) -> dict:
     """What a report shows of the method and dataset, recorded with the run so that reading
     a store needs no plugin (importing one imports torch)."""
-    return {"method_title": method.title or method.name, "method_paper": method.paper,
+    about = describe(method)
+    return {"method_title": about["title"], "method_label": about["label"], "method_paper": about["paper"],
             "dataset_title": spec.title}
 
 

@@ -30,6 +30,7 @@ def cb_loss(logits, target, weights, variant: str, gamma: float = 0.0):
 class ClassBalancedLoss(Method):
     name = "cb_loss"
     title = "Class-balanced loss"
+    label = "CB loss"
     paper = "Cui et al., Class-Balanced Loss Based on Effective Number of Samples, CVPR 2019"
     required_keys = ("variant", "beta")
     tunables = {"variant": "categorical(softmax, sigmoid, focal)", "beta": "categorical(0.9, 0.99, 0.999, 0.9999)",

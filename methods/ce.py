@@ -5,6 +5,7 @@ from harness.method import Method
 class CrossEntropy(Method):
     name = "ce"
     title = "Cross-entropy (CE)"
+    label = "CE"
     paper = "baseline; recipe of Cao et al., LDAM-DRW, NeurIPS 2019"
 
 

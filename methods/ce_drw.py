@@ -10,6 +10,7 @@ from harness.method import Method, RunContext, deferred_weights
 class CrossEntropyDRW(Method):
     name = "ce_drw"
     title = "CE-DRW (deferred re-weighting)"
+    label = "CE-DRW"
     paper = "Cao et al., Learning Imbalanced Datasets with Label-Distribution-Aware Margin Loss, NeurIPS 2019"
     required_keys = ("beta", "stage1.drw_epoch")
 

@@ -8,6 +8,7 @@ from harness.method import Method, RunContext, reinit_linear, stage2_spec
 class ClassifierRetraining(Method):
     name = "crt"
     title = "cRT (classifier re-training)"
+    label = "cRT"
     paper = "Kang et al., Decoupling Representation and Classifier, ICLR 2020"
 
     def stage2(self, model, ctx: RunContext) -> TrainSpec:

@@ -39,6 +39,7 @@ def fbl_loss(logits, feats, target, epoch, strengths, lam, full_at):
 class FeatureBalancedLoss(Method):
     name = "fbl"
     title = "FBL (feature-balanced loss)"
+    label = "FBL"
     paper = "Li et al., Feature-Balanced Loss for Long-Tailed Visual Recognition, ICME 2022"
     tunables = {"lambda": "uniform(0, 200)"}   # its CIFAR 60 and large-benchmark 150 inside
 

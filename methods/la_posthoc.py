@@ -25,6 +25,7 @@ class AdjustedLinear(nn.Module):
 class PostHocLogitAdjustment(Method):
     name = "la_posthoc"
     title = "Post-hoc logit adjustment"
+    label = "Post-hoc LA"
     paper = "Menon et al., Long-tail learning via logit adjustment, ICLR 2021"
 
     def finalize(self, model, ctx: RunContext) -> None:

@@ -37,6 +37,7 @@ def ldam_loss(logits, target, class_margins, scale, weight=None):
 class LDAMDRW(Method):
     name = "ldam_drw"
     title = "LDAM-DRW"
+    label = "LDAM-DRW"
     paper = "Cao et al., Learning Imbalanced Datasets with Label-Distribution-Aware Margin Loss, NeurIPS 2019"
     required_keys = ("beta", "max_margin", "scale", "stage1.drw_epoch")
 

@@ -9,6 +9,7 @@ from harness.method import Method, RunContext, log_priors
 class LogitAdjustedLoss(Method):
     name = "logit_adjust"
     title = "Logit-adjusted loss"
+    label = "LA loss"
     paper = "Menon et al., Long-tail learning via logit adjustment, ICLR 2021"
     required_keys = ("tau",)
     tunables = {"tau": "uniform(0, 3)"}

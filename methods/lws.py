@@ -28,6 +28,7 @@ class ScaledLinear(nn.Module):
 class LearnableWeightScaling(Method):
     name = "lws"
     title = "LWS (learnable weight scaling)"
+    label = "LWS"
     paper = "Kang et al., Decoupling Representation and Classifier, ICLR 2020"
 
     def stage2(self, model, ctx: RunContext) -> TrainSpec:

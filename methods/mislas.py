@@ -31,6 +31,7 @@ def label_aware_smoothing(logits, target, eps):
 class MiSLAS(Method):
     name = "mislas"
     title = "MiSLAS (mixup + label-aware smoothing)"
+    label = "MiSLAS"
     paper = "Zhong et al., Improving Calibration for Long-Tailed Recognition, CVPR 2021"
     required_keys = ("mixup_alpha", "smooth_head", "smooth_tail", "lr_factor", "stage2")
 

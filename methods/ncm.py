@@ -35,6 +35,7 @@ def ncm_head(feats: torch.Tensor, labels: torch.Tensor, num_classes: int) -> Nea
 class NCM(Method):
     name = "ncm"
     title = "NCM (nearest class mean, cl2n)"
+    label = "NCM"
     paper = "Kang et al., Decoupling Representation and Classifier, ICLR 2020"
 
     def finalize(self, model, ctx: RunContext) -> None:

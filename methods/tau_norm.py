@@ -24,6 +24,7 @@ def tau_normalise(weight: torch.Tensor, tau: float) -> torch.Tensor:
 class TauNorm(Method):
     name = "tau_norm"
     title = "τ-norm"
+    label = "τ-norm"
     paper = "Kang et al., Decoupling Representation and Classifier, ICLR 2020"
 
     def finalize(self, model, ctx: RunContext) -> None:

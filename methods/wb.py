@@ -45,6 +45,7 @@ class MaxNorm:
 class WeightBalancing(Method):
     name = "wb"
     title = "WB (weight decay + MaxNorm)"
+    label = "WB"
     paper = "Alshammari et al., Long-Tailed Recognition via Weight Balancing, CVPR 2022"
     # the paper tunes stage-1 weight decay by Bayesian optimisation over its Fig. 4 range
     tunables = {"stage1.weight_decay": "loguniform(1e-4, 5e-2)", "stage2.weight_decay": "loguniform(1e-3, 1)",

@@ -155,6 +155,16 @@ def test_third_party_plugin_is_listed_and_runs(tmp_path, env):
                   "--device", "cpu", "--no-progress", env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "plug" in out.stdout and run_count(tmp_path) == 1
+    # a plugin without a label is named by its title, recorded with its run: the report imports no plugin
+    plug = next(line for line in listed.stdout.splitlines() if line.startswith("| plug "))
+    assert [cell.strip() for cell in plug.split("|")[1:-1]] == ["plug", "Label smoothing (plugin)",
+                                                                 "Label smoothing (plugin)", "test plugin"]
+    with sqlite3.connect(tmp_path / "results.db") as con:
+        extra = json.loads(con.execute("select extra from runs").fetchone()[0])
+    assert (extra["method_title"], extra["method_label"]) == ("Label smoothing (plugin)",) * 2
+    report = harness("report", "--format", "csv", env=env, cwd=tmp_path)
+    [row] = csv.DictReader(io.StringIO(report.stdout))
+    assert (row["method"], row["label"]) == ("plug", "Label smoothing (plugin)")
     broken = harness("run", "--method", "broken", "--dataset", "synth-lt", "--rho", "100", env=env, cwd=tmp_path)
     assert broken.returncode == 2
     assert "method plugin 'broken' (ltr_plugin_demo.broken:METHOD) failed to load: ImportError: needs a library" \

@@ -128,7 +128,7 @@ def test_delta_against_the_first_reference_of_our_protocol_with_other_difference
     paper = boards[0][0]
     headers, rows = rep.board_table(paper)
     assert headers[3] == "Error" and headers[4] == "Top-1"   # CIFAR-LT leads with error, as PwC did
-    ce = row_of(headers, rows, "ce")
+    ce = row_of(headers, rows, "CE")
     assert ce["Error"] == "11.00 ± 1.00" and ce["Top-1"] == "89.00 ± 1.00"
     # two comparable ce references: the first in file order (86.0, not 80.0)
     assert ce["Paper top-1"] == "86.00" and ce["Δ"] == "+3.00"
@@ -143,7 +143,7 @@ def test_no_delta_across_backbones(boards):
     (not the variant listed first) with its differences named."""
     paper = boards[0][0]
     headers, rows = rep.board_table(paper)
-    wb = row_of(headers, rows, "wb")
+    wb = row_of(headers, rows, "WB")
     assert wb["Δ"] == "—" and wb["Paper top-1"] == "68.67"
     assert wb["Paper differs"] == "backbone, generator, selection, tta"
     row = paper.rows.set_index("method").loc["wb"]
@@ -155,7 +155,7 @@ def test_no_delta_across_backbones(boards):
 def test_a_variant_never_gives_delta(boards):
     paper = boards[0][0]
     headers, rows = rep.board_table(paper)
-    lws = row_of(headers, rows, "lws")
+    lws = row_of(headers, rows, "LWS")
     assert lws["Δ"] == "—" and lws["Paper top-1"] == "75.00"   # same protocol, but a variant of lws
     assert lws["Paper differs"].startswith("variant")
     assert str(paper.rows.set_index("method").loc["lws", "paper_differs"][0]) == "variant: τ = 1"
@@ -171,7 +171,7 @@ def test_quick_runs_are_not_compared_and_name_their_epochs(boards):
 def test_reference_table_lists_every_reference_of_the_ratio_with_its_differences(boards):
     paper = boards[0][0]
     headers, rows = rep.reference_table(paper)
-    assert [r[0] for r in rows] == ["ce", "ce", "wb", "wb", "lws"]   # not the rho-50 one
+    assert [r[0] for r in rows] == ["CE", "CE", "WB", "WB", "LWS"]   # not the rho-50 one
     table = [dict(zip(headers, r)) for r in rows]
     assert table[0]["Differs from ours"] == "selection best-test (ours last)"
     assert table[2]["Variant"] == "stage 1 only (WD)"
@@ -225,14 +225,14 @@ def test_differences_in_every_format(boards, tmp_path):
     assert "Paper differs" in terminal and "selection best-test (ours last)" in terminal
     table = list(csv.DictReader(io.StringIO(rep.render_csv(bs))))
     ce = next(r for r in table if r["method"] == "ce" and r["preset"] == "paper")
-    assert float(ce["paper"]) == 86.0 and float(ce["delta"]) == pytest.approx(3.0)
+    assert ce["label"] == "CE" and float(ce["paper"]) == 86.0 and float(ce["delta"]) == pytest.approx(3.0)
     assert ce["paper_differs"] == "selection best-test (ours last)"
     wb = next(r for r in table if r["method"] == "wb")
     assert wb["delta"] == "" and wb["paper_differs"].startswith("backbone resnet34-cifar (ours resnet32)")
     tex = rep.render_latex(bs)
-    assert "86.00\\textsuperscript{a}" in tex and "ce: selection best-test (ours last)." in tex
+    assert "86.00\\textsuperscript{a}" in tex and "CE: selection best-test (ours last)." in tex
     pwc = json.loads(rep.render_pwc_json(bs))[0]["datasets"][0]["sota"]["rows"]
-    ce_ref = next(r for r in pwc if r["model_name"] == "ce")["paper_reference"]
+    ce_ref = next(r for r in pwc if r["model_name"] == "CE")["paper_reference"]
     assert ce_ref == {"top1": 86.0, "delta": 3.0, "source": "Some paper, Table 1",
                       "differs": ["selection best-test (ours last)"]}
 
@@ -246,7 +246,7 @@ def test_html_shows_differences_compactly_with_details(boards, tmp_path):
 
 def test_empty_groups_render_as_dash_not_zero(boards):
     headers, rows = rep.board_table(boards[0][0])
-    wb = row_of(headers, rows, "wb")
+    wb = row_of(headers, rows, "WB")
     assert wb["Many"] == "97.00"
     assert wb["Medium"] == "—" and wb["Few"] == "—"
 
@@ -278,7 +278,7 @@ def test_markdown(boards, tmp_path):
     readme = (tmp_path / "md" / "README.md").read_text()
     assert files[0].name == "README.md" and "| Benchmark" in readme
     assert "[CIFAR-10-LT (ρ=10)](cifar10-lt-rho10-paper.md)" in readme
-    assert "| wb " in readme
+    assert "| WB " in readme   # the leader, by its label
 
 
 def test_csv_holds_numbers(boards):
@@ -322,7 +322,7 @@ def test_pwc_json_shape(boards):
     assert task["task"] == "Long-tail Learning"
     ds = task["datasets"][0]
     assert ds["sota"]["metrics"][0] == "Error Rate"
-    assert ds["sota"]["rows"][0]["model_name"] == "wb"
+    assert ds["sota"]["rows"][0]["model_name"] == "WB"
     assert ds["sota"]["rows"][0]["paper_title"] == "Alshammari et al., Long-Tailed Recognition via Weight Balancing, CVPR 2022"
     assert set(ds["sota"]["rows"][0]["metrics"]) == {"Top-1 Accuracy", "Error Rate"}
 
@@ -358,7 +358,8 @@ def test_a_selection_ranks_only_its_boards_and_draws_only_their_plots(boards, tm
     assert keys(rep.build_boards(store, bench, plots=False, only=both)) == \
         [("cifar10-lt", "", 10.0, "paper"), ("fmnist-lt", "", 10.0, "paper")]
     cached = len(list((tmp_path / "plots").glob("*.png")))
-    rendering = rep.start_plots(store, {}, rep.PlotCache(tmp_path / "plots"), both)
+    rendering = rep.start_plots(store, {}, rep.PlotCache(tmp_path / "plots"), rep.load_titles(store).labels,
+                                both)
     assert {key for key, _ in rendering.keys} == {("cifar10-lt", "", 10.0, "paper"), ("fmnist-lt", "", 10.0, "paper")}
     rendering.result()
     # one plot more (fmnist-lt's per-class accuracy), none pruned: the unselected boards' stay cached
@@ -399,7 +400,7 @@ def test_ece_is_shown_where_every_seed_of_a_row_measured_it_and_only_on_boards_t
     paper, quick = rep.build_boards(store, bench, plots=False)
     headers, rows = rep.board_table(paper)
     assert headers[8:11] == ["Few", "ECE", "Paper top-1"]
-    assert row_of(headers, rows, "ce")["ECE"] == "12.00 ± 2.83" and row_of(headers, rows, "wb")["ECE"] == "—"
+    assert row_of(headers, rows, "CE")["ECE"] == "12.00 ± 2.83" and row_of(headers, rows, "WB")["ECE"] == "—"
     assert "ECE" not in rep.board_table(quick)[0]
     frame = rep.board_frame([paper, quick]).set_index(["preset", "method"])
     assert frame.loc[("paper", "ce"), "ece_mean"] == pytest.approx(12.0)
@@ -409,7 +410,7 @@ def test_ece_is_shown_where_every_seed_of_a_row_measured_it_and_only_on_boards_t
     assert "& 97.00 & -- & -- & -- & 2 &" in tex_paper   # wb: medium, few, ECE empty (not ---)
     pwc = json.loads(rep.render_pwc_json([paper]))[0]["datasets"][0]["sota"]
     assert pwc["metrics"][-1] == "ECE" and {r["model_name"]: r["metrics"].get("ECE") for r in pwc["rows"]} == \
-        {"ce": "12.00", "wb": None}
+        {"CE": "12.00", "WB": None}
     ce_page = [(r["dataset"], r["metric"], r["value"]) for r in rep.method_results([paper, quick])["ce"]]
     assert ("CIFAR-10-LT (ρ=10)", "ECE", 12.0) in ce_page and sum(m == "ECE" for _, m, _ in ce_page) == 1
     assert "ECE: expected calibration error" in rep.markdown_board(paper)
@@ -431,8 +432,8 @@ def test_a_papers_ece_is_shown_beside_its_top1_where_it_reports_one(tmp_path):
     paper, quick = rep.build_boards(store, str(bench), plots=False)
     headers, rows = rep.board_table(paper)
     assert headers[9:13] == ["ECE", "Paper top-1", "Paper ECE", "Δ"]
-    assert row_of(headers, rows, "mislas")["Paper ECE"] == "1.20"   # the compared reference's, not stage 1's
-    assert row_of(headers, rows, "ce")["Paper ECE"] == "—"
+    assert row_of(headers, rows, "MiSLAS")["Paper ECE"] == "1.20"   # the compared reference's, not stage 1's
+    assert row_of(headers, rows, "CE")["Paper ECE"] == "—"
     assert "Paper ECE" not in rep.board_table(quick)[0]            # no reference of ce reports one
     assert "Paper ECE: the calibration error" in rep.markdown_board(paper)
     assert "Paper ECE" not in rep.markdown_board(quick)
@@ -444,10 +445,10 @@ def test_a_papers_ece_is_shown_beside_its_top1_where_it_reports_one(tmp_path):
     tex = rep.render_latex([paper]).splitlines()
     header = next(line for line in tex if line.startswith("Method & Setup"))
     assert "& Paper & Paper ECE & $\\Delta$" in header
-    mislas = next(line for line in tex if line.startswith("mislas &"))
+    mislas = next(line for line in tex if line.startswith("MiSLAS &"))
     assert mislas.count("&") == header.count("&") and mislas.endswith("& 90.00\\textsuperscript{a} & 1.20 & -1.00 \\\\")
     pwc = json.loads(rep.render_pwc_json([paper]))[0]["datasets"][0]["sota"]["rows"]
-    assert {r["model_name"]: r["paper_reference"].get("ece") for r in pwc} == {"mislas": 1.2, "ce": None}
+    assert {r["model_name"]: r["paper_reference"].get("ece") for r in pwc} == {"MiSLAS": 1.2, "CE": None}
     assert rep.board_frame([paper]).set_index("method").loc["mislas", "paper_ece"] == 1.2
 
 
@@ -519,7 +520,7 @@ def test_tuned_board_shows_the_search(tuned, bench, tmp_path):
     assert list(board.plots) == [PER_CLASS, WEIGHT_NORMS, TUNING]
     headers, rows = rep.tuning_table(board)
     assert dict(zip(headers, rows[0])) == {
-        "Method": "wb", "Study": "wb-c10-study", "Objective": "val top-1", "Trials": "3 of 4 (+2 pruned)",
+        "Method": "WB", "Study": "wb-c10-study", "Objective": "val top-1", "Trials": "3 of 4 (+2 pruned)",
         "Search space": "lr: log-uniform 1e-3 .. 1e-1; weight_decay: log-uniform 1e-4 .. 1e-2",
         "Chosen": "lr = 0.02, weight_decay = 0.005"}
     rep.render_html([board], tmp_path / "site")
@@ -624,12 +625,12 @@ def test_a_board_draws_the_reliability_of_the_runs_that_measured_it_in_their_per
     assert list(board.plots) == [PER_CLASS, WEIGHT_NORMS, RELIABILITY]
     assert board.plots[RELIABILITY].startswith("data:image/png;base64,")
     monkeypatch.setattr(rep, "Rendering", lambda jobs, cache, prune: jobs)   # the jobs, undrawn
-    jobs = rep.start_plots(store, {}, rep.PlotCache(tmp_path / "plots"))
+    jobs = rep.start_plots(store, {}, rep.PlotCache(tmp_path / "plots"), rep.load_titles(store).labels)
     paper, quick = ("cifar10-lt", "", 10.0, "paper"), ("cifar10-lt", "", 10.0, "quick")
     assert (quick, RELIABILITY) not in jobs and (quick, PER_CLASS) in jobs
-    # the seeds' mean per bin; ce and wb in their colours of the per-class plot (ce, ncm, wb: C0, C1, C2)
-    assert jobs[paper, RELIABILITY].data.values.tolist() == [["ce", "C0", 90.0, 75.0], ["ce", "C0", 96.6667, 90.0],
-                                                              ["wb", "C2", 63.3333, 60.0]]
+    # the seeds' mean per bin; CE and WB in their colours of the per-class plot (CE, NCM, WB: C0, C1, C2)
+    assert jobs[paper, RELIABILITY].data.values.tolist() == [["CE", "C0", 90.0, 75.0], ["CE", "C0", 96.6667, 90.0],
+                                                              ["WB", "C2", 63.3333, 60.0]]
 
 
 def test_precision_is_part_of_a_setup_and_named_against_the_papers_fp32_on_every_backend(store_url, bench):
@@ -649,7 +650,7 @@ def test_precision_is_part_of_a_setup_and_named_against_the_papers_fp32_on_every
     assert "precision" not in [d.name for d in rows.loc["fp32", "paper_differs"]]
     assert sorted(rep.setup_cells(board)) == ["resnet32 · precision bf16", "resnet32 · precision fp32"]
     pwc = json.loads(rep.render_pwc_json([board]))[0]["datasets"][0]["sota"]["rows"]   # one name per row
-    assert sorted(r["model_name"] for r in pwc) == ["ce (resnet32 · precision bf16)", "ce (resnet32 · precision fp32)"]
+    assert sorted(r["model_name"] for r in pwc) == ["CE (resnet32 · precision bf16)", "CE (resnet32 · precision fp32)"]
 
 
 def test_a_recipe_another_benchmarks_file_changed_is_its_own_row_named_without_the_papers_delta(store_url, bench):
@@ -701,9 +702,9 @@ def test_a_tau_chosen_on_test_is_its_own_row_and_named_on_every_output(store_url
     tex = rep.render_latex([board])
     # pdflatex takes the middle dot as it is, not Greek: "Unicode character τ not set up for use with LaTeX"
     assert "resnet32 · $\\tau$ chosen on test" in tex and {ch for ch in tex if ord(ch) > 127} <= {"·"}
-    assert rep.method_results([board])["tau_norm"][0]["model"] == "tau_norm (resnet32 · τ chosen on test, preset paper, n=1)"
+    assert rep.method_results([board])["tau_norm"][0]["model"] == "τ-norm (resnet32 · τ chosen on test, preset paper, n=1)"
     [pwc] = json.loads(rep.render_pwc_json([board]))[0]["datasets"][0]["sota"]["rows"]
-    assert pwc["model_name"] == "tau_norm"   # one setup of the method: named by the board's row
+    assert pwc["model_name"] == "τ-norm"   # one setup of the method: named by the board's row
     classes = rep.load_class_means(store)
     assert rep.setup_names(classes) == ["τ chosen on test"] * 10
 
@@ -768,11 +769,46 @@ def test_weight_norms_run_head_to_tail_by_training_count_and_many_classes_are_bi
     assert np.all(np.diff(ax.get_lines()[0].get_ydata()) > 0)   # accuracy rises with the count, bin by bin
 
 
-def test_titles_come_from_the_runs_without_importing_plugins(tmp_path, bench, monkeypatch):
+def test_titles_and_labels_come_from_the_runs_and_only_the_rest_from_plugins(tmp_path, monkeypatch):
+    doc = json.loads(json.dumps(BENCH))
+    doc["benchmarks"]["cifar10-lt"]["references"].append({"method": "focal", "rho": 50, "top1": 1.0,
+                                                           "protocol": LDAM, "source": "no board's ratio"})
+    bench = tmp_path / "b.yaml"
+    bench.write_text(yaml.safe_dump(doc, allow_unicode=True))
     store = Store(f"sqlite:///{tmp_path / 'titles.db'}")
-    add_run(store, "r", "ce", 0, 80.0, extra={"method_title": "Cross-entropy", "method_paper": "a paper",
-                                                "dataset_title": "CIFAR-10-LT"})
-    monkeypatch.setattr(rep, "method_about", lambda name: pytest.fail("looked up a plugin"))
+    add_run(store, "r", "ce", 0, 80.0, extra={"method_title": "Cross-entropy", "method_label": "CE",
+                                                "method_paper": "a paper", "dataset_title": "CIFAR-10-LT"})
+    looked_up = []
+    monkeypatch.setattr(rep, "method_about", lambda name, recorded=None: looked_up.append(name) or
+                        {"title": f"{name} title", "label": name.upper(), "paper": ""})
     monkeypatch.setattr(rep, "dataset_title", lambda name: pytest.fail("looked up a plugin"))
+    [board] = rep.build_boards(store, str(bench), plots=False)
+    assert board.title == "CIFAR-10-LT" and board.about["ce"] == {"title": "Cross-entropy", "label": "CE",
+                                                                  "paper": "a paper"}
+    assert sorted(looked_up) == ["lws", "wb"]   # the board's references' methods, which no run recorded
+    assert [r[0] for r in rep.reference_table(board)[1]] == ["CE", "CE", "WB", "WB", "LWS"]
+
+
+def test_a_run_older_than_labels_takes_its_plugins_label_or_else_keeps_its_title_and_name(tmp_path, bench):
+    store = Store(f"sqlite:///{tmp_path / 'old.db'}")
+    add_run(store, "old", "tau_norm", 0, 80.0, extra={"method_title": "τ-norm", "method_paper": "Kang"})
+    add_run(store, "gone", "uninstalled", 0, 70.0, extra={"method_title": "Some method", "method_paper": "q"})
     [board] = rep.build_boards(store, bench, plots=False)
-    assert board.title == "CIFAR-10-LT" and board.about["ce"] == {"title": "Cross-entropy", "paper": "a paper"}
+    assert board.about["tau_norm"]["label"] == "τ-norm"   # methods/tau_norm.py's
+    assert board.about["uninstalled"] == {"title": "Some method", "label": "uninstalled", "paper": "q"}
+    assert [r[1] for r in rep.board_table(board)[1]] == ["τ-norm", "uninstalled"]
+
+
+def test_two_methods_of_one_label_are_told_apart_by_their_names_in_tables_and_plots(tmp_path, bench, monkeypatch):
+    store = Store(f"sqlite:///{tmp_path / 'twice.db'}")
+    for run_id, method, top1 in [("a", "ce", 80.0), ("b", "my_ce", 82.0), ("c", "wb", 70.0)]:
+        add_run(store, run_id, method, 0, top1, extra={"method_title": "t", "method_label": method.upper()
+                                                        .replace("MY_", ""), "method_paper": ""})
+    monkeypatch.setattr(rep, "Rendering", lambda jobs, cache, prune: jobs)   # the jobs, undrawn
+    [board] = rep.build_boards(store, bench, plots=False)
+    assert [r[1] for r in rep.board_table(board)[1]] == ["CE (my_ce)", "CE (ce)", "WB"]
+    assert [r[0] for r in rep.reference_table(board)[1]][:2] == ["CE (ce)", "CE (ce)"]
+    jobs = rep.start_plots(store, {}, rep.PlotCache(tmp_path / "plots"), rep.load_titles(store).labels)
+    assert sorted(set(jobs[board.key, PER_CLASS].data["line"])) == ["CE (ce)", "CE (my_ce)", "WB"]
+    html = rep.render_html([board], tmp_path / "site")[1].read_text()
+    assert '<a href="method-my_ce.html" title="t (my_ce)">CE (my_ce)</a>' in html
