@@ -298,7 +298,7 @@ def merge(source, url) -> None:
 
     if "://" not in source:
         raise HarnessError(f"SOURCE is a SQLAlchemy URL: for the file {source}, sqlite:///{source}")
-    with Store(source, create=False) as src, Store(url) as dest:
+    with Store(source, create=False, option="SOURCE") as src, Store(url) as dest:
         counts = dest.merge_from(src)
     click.echo(f"{dest.url}: {counts['copied']} runs copied from {src.url}; "
                f"{counts['already here']} already here, {counts['running left behind']} running left behind")

@@ -24,11 +24,15 @@ BASELINE = "0001"  # the schema results.db had before migrations existed
 VERSION_TABLE = "harness_alembic_version"
 LEGACY_TABLE = "alembic_version"  # where our revision was kept before Optuna shared the database
 SCHEMA_LOCK = "ltr-harness schema"  # the server lock (harness.locks) under which a store is created
-NO_STORE_FIX = "check --db / HARNESS_DB, or make one with `harness run` or `harness sweep`"
+DB_OPTION = "--db / HARNESS_DB"   # how a command is given its store; `db merge` names its source SOURCE
 
 
 class NoStore(HarnessError):
     """A store opened only to read is not there (yet): no SQLite file, or a database without tables."""
+
+    def __init__(self, what: str, option: str = DB_OPTION):
+        made = ", or make one with `harness run` or `harness sweep`" if option == DB_OPTION else ""
+        super().__init__(f"{what}; check {option}{made}")
 
 
 def alembic_config(connection: Connection):
@@ -73,7 +77,7 @@ def current_revision(conn: Connection) -> str | None:
     return revision
 
 
-def ensure_schema(engine: Engine, url: str, metadata, create: bool = True) -> None:
+def ensure_schema(engine: Engine, url: str, metadata, create: bool = True, option: str = DB_OPTION) -> None:
     from alembic import command
 
     # processes opening a new store together create it one at a time: SQLite's BEGIN IMMEDIATE
@@ -82,7 +86,7 @@ def ensure_schema(engine: Engine, url: str, metadata, create: bool = True) -> No
     with engine.connect() as conn, server_lock(conn, SCHEMA_LOCK), conn.begin():
         revision = current_revision(conn)
         if revision is None and not create:
-            raise NoStore(f"{url} holds no results store; {NO_STORE_FIX}")
+            raise NoStore(f"{url} holds no results store", option)
         if revision is None:
             metadata.create_all(conn)
             command.stamp(alembic_config(conn), "head")

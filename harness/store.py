@@ -19,7 +19,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 
 from harness import HarnessError
 from harness.locks import MYSQL, server_lock
-from harness.migrate import NO_STORE_FIX, NoStore, ensure_schema
+from harness.migrate import DB_OPTION, NoStore, ensure_schema
 
 DEFAULT_URL = "sqlite:///results.db"
 DRIVER_EXTRAS = {"psycopg": "postgres", "pymysql": "mysql"}   # the extra that installs each driver
@@ -141,20 +141,21 @@ def completed_of(session: Session, config_hashes: list[str], data_name: str | No
 
 
 class Store:
-    def __init__(self, url: str | None = None, create: bool = True):
+    def __init__(self, url: str | None = None, create: bool = True, option: str = DB_OPTION):
         """`create=False` for commands that only read (list, show, report): a store that does
-        not exist yet is an error naming --db, not an empty one made on a typo."""
+        not exist yet is an error naming `option` (where the URL came from: --db, merge's
+        SOURCE), not an empty one made on a typo."""
         self.url = db_url(url)
         try:
             kwargs = {"connect_args": {"timeout": 30}} if self.url.startswith("sqlite") else {}
             self.engine = create_engine(self.url, **kwargs)
             path = self.sqlite_file
             if not create and path and not os.path.exists(path):
-                raise NoStore(f"no results store at {path}; {NO_STORE_FIX}")
+                raise NoStore(f"no results store at {path}", option)
             if self.url.startswith("sqlite"):
                 event.listen(self.engine, "connect", _sqlite_pragmas)
                 event.listen(self.engine, "begin", _sqlite_begin)
-            ensure_schema(self.engine, self.url, Base.metadata, create)
+            ensure_schema(self.engine, self.url, Base.metadata, create, option)
         except ModuleNotFoundError as exc:   # the URL's database driver, most likely
             fix = f"pip install 'ltr-harness[{DRIVER_EXTRAS[exc.name]}]'" if exc.name in DRIVER_EXTRAS else \
                 "install the database driver the URL names"
@@ -162,7 +163,7 @@ class Store:
         except (SQLAlchemyError, ImportError, ValueError) as exc:
             reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
             raise HarnessError(f"cannot open results store {self.url}: {reason}; "
-                               "check --db / HARNESS_DB (any SQLAlchemy URL)") from exc
+                               f"check {option} (any SQLAlchemy URL)") from exc
 
     def close(self) -> None:
         # Closes the pooled connections now, not whenever the garbage collector breaks the

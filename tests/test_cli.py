@@ -247,7 +247,8 @@ def test_db_merge_command(tmp_path, env):
     gpu = tmp_path / "gpu.db"
     finished_store(f"sqlite:///{gpu}").close()
     missing = harness("db", "merge", f"sqlite:///{tmp_path / 'nope.db'}", env=env)
-    assert missing.returncode == 2 and "no results store at" in missing.stderr
+    assert missing.returncode == 2   # the store to fix is SOURCE, not --db
+    assert missing.stderr == f"error: no results store at {tmp_path / 'nope.db'}; check SOURCE\n"
     assert not (tmp_path / "results.db").exists()
     a_path = harness("db", "merge", str(gpu), env=env)
     assert a_path.returncode == 2 and f"sqlite:///{gpu}" in a_path.stderr and len(a_path.stderr.splitlines()) == 1
