@@ -558,8 +558,7 @@ def board_table(board: Board) -> tuple[list[str], list[list[str]]]:
         top1 = fmt_mean_std(r["all_mean"], r["all_std"])
         err = fmt_mean_std(error_of(r["all_mean"]), r["all_std"])
         cells = {"Rank": f"{r['rank']}{' (tie)' if r['tie'] else ''}", "Method": board.label(r["method"]),
-                 "Setup": setup,
-                 "Lead": err if board.metric == "error" else top1, "Other": top1 if board.metric == "error" else err,
+                 "Setup": setup, "Lead": err if board.metric == "error" else top1, "Other": top1 if board.metric == "error" else err,
                  "n": str(r["n"]), "Many": fmt(r["many_mean"]), "Medium": fmt(r["medium_mean"]),
                  "Few": fmt(r["few_mean"]), "ECE": fmt_ece(r), "Paper top-1": fmt(r["paper"]),
                  "Paper ECE": fmt(r["paper_ece"]), "Δ": fmt_delta(r["delta"]),
@@ -656,8 +655,8 @@ def leaders(boards: list[Board]) -> list[dict]:
     out = []
     for b in boards:
         top = b.rows.iloc[0]
-        out.append({"board": b, "method": b.label(top["method"]), "top1": top["all_mean"], "n_methods": len(b.rows),
-                    "n_runs": int(b.rows["n"].sum())})
+        out.append({"board": b, "method": top["method"], "label": b.label(top["method"]), "top1": top["all_mean"],
+                    "n_methods": len(b.rows), "n_runs": int(b.rows["n"].sum())})
     return out
 
 
@@ -668,7 +667,7 @@ def render_markdown(boards: list[Board], out: Path) -> list[Path]:
              "Each board is one dataset (an image folder: one folder), imbalance ratio and preset; presets are "
              "never ranked together. "
              "Values are mean ± sample std over seeds; \"—\" is an empty shot group or a single seed's std.", ""]
-    rows = [[f"[{l['board'].name}]({l['board'].slug}.md)", l["board"].preset, l["method"], fmt(l["top1"]),
+    rows = [[f"[{l['board'].name}]({l['board'].slug}.md)", l["board"].preset, l["label"], fmt(l["top1"]),
              l["n_methods"], l["n_runs"]] for l in leaders(boards)]
     lines.append(tabulate(rows, headers=["Benchmark", "Preset", "Leader", "Top-1", "Methods", "Runs"],
                           tablefmt="github", disable_numparse=True))

@@ -810,5 +810,6 @@ def test_two_methods_of_one_label_are_told_apart_by_their_names_in_tables_and_pl
     assert [r[0] for r in rep.reference_table(board)[1]][:2] == ["CE (ce)", "CE (ce)"]
     jobs = rep.start_plots(store, {}, rep.PlotCache(tmp_path / "plots"), rep.load_titles(store).labels)
     assert sorted(set(jobs[board.key, PER_CLASS].data["line"])) == ["CE (ce)", "CE (my_ce)", "WB"]
-    html = rep.render_html([board], tmp_path / "site")[1].read_text()
-    assert '<a href="method-my_ce.html" title="t (my_ce)">CE (my_ce)</a>' in html
+    index, page = (path.read_text() for path in rep.render_html([board], tmp_path / "site")[:2])
+    assert '<a href="method-my_ce.html" title="t (my_ce)">CE (my_ce)</a>' in page
+    assert '<td><a href="method-my_ce.html">CE (my_ce)</a></td>' in index   # the leader
