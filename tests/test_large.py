@@ -190,8 +190,22 @@ def test_an_image_folder_is_named_by_its_folder_and_files_wherever_it_lies(tmp_p
     assert FOLDER_LT.build(2.0, "ldam", 0, here).data_name == name   # another cut of the same folder
     moved = folder_tree(tmp_path / "b" / "birds", [30, 20, 30])
     assert FOLDER_LT.build(4.0, "ldam", 2, moved).data_name == name
+    # the provenance checksum, of the lists the run sees, too; another validation split is another
+    checksum = FOLDER_LT.build(4.0, "ldam", 2, here).checksum()
+    assert FOLDER_LT.build(4.0, "ldam", 2, moved).checksum() == checksum
+    assert FOLDER_LT.build(4.0, "ldam", 1, here).checksum() != checksum
     grown = folder_tree(tmp_path / "c" / "birds", [30, 21, 30])
     assert FOLDER_LT.build(4.0, "ldam", 2, grown).data_name != name
+
+
+def test_a_releases_checksum_is_of_its_split_lists_wherever_it_lies(tmp_path):
+    here, there = mini_imagenet_lt(tmp_path / "a"), mini_imagenet_lt(tmp_path / "b")
+    rho = MINI.natural_rho(here)
+    checksum = MINI.build(rho, "natural", 0, here).checksum()
+    assert MINI.build(rho, "natural", 0, there).checksum() == checksum
+    test_list = there / "ImageNet_LT_test.txt"
+    test_list.write_text("\n".join(reversed(test_list.read_text().splitlines())) + "\n")   # another list
+    assert MINI.build(rho, "natural", 0, there).checksum() != checksum
 
 
 def test_folder_lt_stage1_learns_from_the_training_list_whichever_validation_split(tmp_path):
