@@ -205,13 +205,14 @@ def sweep(benchmarks, methods, datasets, rhos, seeds, preset, epochs, jobs, exec
                       precision=precision, settings=parse_settings(settings),
                       progress=not no_progress and jobs == 1 and executor == "local")
     planned = plan(base, listed(methods), listed(datasets), list(dict.fromkeys(map(parse_rho, listed(rhos)))),
-                   seed_list)
+                   seed_list, create=not dry_run)
     rows = [[p.request.method, p.request.dataset, str(p.request.rho).removesuffix(".0"), " ".join(map(str, p.request.seeds)) or "—",
              " ".join(map(str, p.skipped_seeds)) or "—"] for p in planned]
     click.echo(tabulate(rows, headers=["method", "dataset", "rho", "to run", "done already"], tablefmt="github",
                         disable_numparse=True))
     todo = sum(len(p.request.seeds) for p in planned)
-    click.echo(f"{todo} runs to do, {sum(len(p.skipped_seeds) for p in planned)} already in the store")
+    click.echo(f"{todo} runs to do, {sum(len(p.skipped_seeds) for p in planned)} already in the store"
+               + ("; nothing trained, nothing written" if dry_run else ""))
     if dry_run or not todo:
         return
     completed, failed = execute_sweep(planned, jobs, report=click.echo, executor=executor, address=address)

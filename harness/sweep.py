@@ -16,6 +16,7 @@ from pathlib import Path
 
 from harness import HarnessError
 from harness.config import load_benchmarks
+from harness.migrate import NoStore
 from harness.registry import DATASETS
 from harness.runner import RunRequest, execute, prepare
 from harness.store import Store, completed_of
@@ -34,9 +35,10 @@ def chain_key(dataset: str, rho, stage1: dict, precision: str | None = None) -> 
     return json.dumps([dataset, rho, stage1, precision], sort_keys=True)
 
 
-def plan(base: RunRequest, methods=None, datasets=None, rhos=None, seeds=(0,)) -> list[Planned]:
+def plan(base: RunRequest, methods=None, datasets=None, rhos=None, seeds=(0,), create: bool = True) -> list[Planned]:
     """Expand the grid, validated before anything runs; seeds already completed with the
-    same config hash are skipped."""
+    same config hash are skipped. `create=False` (a dry run) reads a store that is there and
+    makes none."""
     doc = load_benchmarks(base.benchmarks)
     benches = doc["benchmarks"]
     for name in datasets or []:
@@ -62,8 +64,11 @@ def plan(base: RunRequest, methods=None, datasets=None, rhos=None, seeds=(0,)) -
     asked: dict[str | None, list[str]] = {}
     for *_, hashes, _, data in grid:
         asked.setdefault(data, []).extend(h for _, h in hashes)
-    with Store(base.db) as store, store.session() as s:
-        done = {(h, data) for data, config_hashes in asked.items() for h, _ in completed_of(s, config_hashes, data)}
+    try:
+        with Store(base.db, create=create) as store, store.session() as s:
+            done = {(h, data) for data, hashes in asked.items() for h, _ in completed_of(s, hashes, data)}
+    except NoStore:   # nothing done yet
+        done = set()
     planned = []
     for method, dataset, rho, hashes, stage1, data in grid:
         todo = [seed for seed, h in hashes if (h, data) not in done]

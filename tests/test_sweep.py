@@ -36,7 +36,8 @@ def test_sweep_cli_dry_run_then_parallel_workers(tmp_path):
             "--methods", "wb", "--seeds", "0", "--preset", "quick", "--device", "cpu", "--db", url]
     dry = harness(*args, "--dry-run", env=env, cwd=tmp_path)
     assert dry.returncode == 0, dry.stderr
-    assert "3 runs to do, 0 already in the store" in dry.stdout and Store(url).list_runs() == []
+    assert "3 runs to do, 0 already in the store; nothing trained, nothing written" in dry.stdout
+    assert not (tmp_path / "r.db").exists()   # a dry run makes no store
     out = harness(*args, "--jobs", "2", env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "sweep done: 3 runs completed, 0 jobs failed" in out.stdout
@@ -44,6 +45,8 @@ def test_sweep_cli_dry_run_then_parallel_workers(tmp_path):
     assert set(runs) == {"ce", "lws", "wb"} and runs["lws"].stage1_cached and not runs["wb"].stage1_cached
     again = harness(*args, env=env, cwd=tmp_path)
     assert "0 runs to do, 3 already in the store" in again.stdout
+    dry = harness(*args, "--seeds", "1", "--dry-run", env=env, cwd=tmp_path)   # reads the store that is there
+    assert "3 runs to do, 3 already in the store; nothing trained" in dry.stdout
 
 
 def test_sweep_bad_input_is_one_line_and_runs_nothing(tmp_path):
