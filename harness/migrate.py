@@ -11,11 +11,12 @@ Alembic's default `alembic_version`. Stores stamped before that (our revision in
 """
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy import create_engine, inspect, text
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import URL, Connection, Engine
 
 from harness import HarnessError
 from harness.locks import server_lock
@@ -95,15 +96,27 @@ def ensure_schema(engine: Engine, url: str, metadata, create: bool = True, optio
                                f"run `harness db upgrade --db {url}` (keeps every row)")
 
 
+def sqlite_file(url: URL) -> str | None:
+    """The file of a SQLite store; None in memory or on a server."""
+    return url.database if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
+        else None
+
+
 def upgrade(url: str) -> tuple[str | None, str]:
-    """Upgrade the store at `url` to the newest schema; returns (from, to)."""
+    """Upgrade the store at `url` to the newest schema; returns (from, to). A store that is not
+    there is refused, not made: upgrading a mistyped path is no upgrade."""
     from alembic import command
 
     # a plain engine: SQLite's foreign-key enforcement stays off while tables may be rebuilt
     engine = create_engine(url)
+    path = sqlite_file(engine.url)
+    if path and not os.path.exists(path):   # connecting would make the file
+        raise NoStore(f"no results store at {path}")
     try:
         with engine.begin() as conn:
             before = current_revision(conn)
+            if before is None:
+                raise NoStore(f"{url} holds no results store")
             cfg = alembic_config(conn)
             legacy = legacy_revision(conn)
             if legacy is not None:  # move our stamp out of the table Optuna uses

@@ -19,7 +19,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 
 from harness import HarnessError
 from harness.locks import MYSQL, server_lock
-from harness.migrate import DB_OPTION, NoStore, ensure_schema
+from harness.migrate import DB_OPTION, NoStore, ensure_schema, sqlite_file
 
 DEFAULT_URL = "sqlite:///results.db"
 DRIVER_EXTRAS = {"psycopg": "postgres", "pymysql": "mysql"}   # the extra that installs each driver
@@ -269,9 +269,7 @@ class Store:
     @property
     def sqlite_file(self) -> str | None:
         """The file of a SQLite store; None in memory or on a server."""
-        url = self.engine.url
-        return url.database if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
-            else None
+        return sqlite_file(self.engine.url)
 
     def same_database(self, other: "Store") -> bool:
         a, b = self.engine.url, other.engine.url

@@ -66,6 +66,14 @@ def test_db_upgrade_command(tmp_path):
     assert out.returncode == 0 and f"schema 0001 -> {head_revision()}" in out.stdout, out.stderr
     listed = harness("list", "runs", "--db", url)
     assert listed.returncode == 0 and "r1" in listed.stdout and "70.50" in listed.stdout
+    # a mistyped path is refused, not made into an empty store "upgraded" from nothing
+    typo = tmp_path / "result.db"
+    missing = harness("db", "upgrade", "--db", f"sqlite:///{typo}")
+    assert missing.returncode == 2 and f"no results store at {typo}; check --db" in missing.stderr
+    assert not typo.exists()
+    typo.touch()   # a file, but no store in it
+    empty = harness("db", "upgrade", "--db", f"sqlite:///{typo}")
+    assert empty.returncode == 2 and "holds no results store" in empty.stderr and typo.stat().st_size == 0
 
 
 def test_a_store_stamped_in_alembics_default_table_moves_to_the_harness_table(tmp_path):
