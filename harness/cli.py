@@ -6,6 +6,7 @@ import math
 import sys
 
 import click
+from click.core import ParameterSource
 from tabulate import tabulate
 
 from harness import HarnessError
@@ -476,12 +477,20 @@ def report(db, datasets, rhos, presets, fmt_, out, file_, benchmarks) -> None:
     if "natural" in ratios:
         raise HarnessError("a board is named by the ratio its runs had; pass it as the board shows it, e.g. --rho 256")
     only = rep.Selection(tuple(listed(datasets)), tuple(ratios), tuple(listed(presets)))
-    target = Path(out) if fmt_ in ("site", "html", "markdown") else Path(file_) if file_ else None
+    site = fmt_ in ("site", "html", "markdown")
+    # an option the format does not read would be ignored, and the output land elsewhere
+    if site and file_:
+        raise HarnessError(f"--format {fmt_} writes a folder: pass --out DIR, not --file "
+                           "(--file is for table, csv, latex, pwc-json)")
+    if not site and click.get_current_context().get_parameter_source("out") != ParameterSource.DEFAULT:
+        raise HarnessError(f"--format {fmt_} prints one file: pass --file FILE, not --out "
+                           "(--out is for site, html, markdown)")
+    target = Path(out) if site else Path(file_) if file_ else None
     with Store(db, create=False) as store:   # a missing store is refused before --out is made
         if target is not None:
-            check_writable(target, folder=fmt_ in ("site", "html", "markdown"))
+            check_writable(target, folder=site)
         boards = rep.build_boards(store, benchmarks, plots=fmt_ in ("site", "html"), only=only)
-    if fmt_ in ("site", "html", "markdown"):
+    if site:
         written, removed = rep.render_site(boards, Path(out), html=fmt_ in ("site", "html"),
                                            markdown=fmt_ in ("site", "markdown"))
         gone = f"; removed {len(removed)} pages of boards or methods no longer shown" if removed else ""

@@ -310,3 +310,10 @@ def test_report_renders_the_boards_asked_for_and_names_the_store_s_when_none_mat
                "synth-lt ρ=100 quick" in none.stderr
     natural = harness("report", "--format", "table", "--rho", "natural", env=env)
     assert natural.returncode == 2 and "e.g. --rho 256" in natural.stderr
+    # an output option the format does not read is refused, not ignored while the output goes elsewhere
+    to_folder = harness("report", "--format", "csv", "--out", str(tmp_path / "csv"), env=env)
+    assert to_folder.returncode == 2 and to_folder.stdout == "" and not (tmp_path / "csv").exists()
+    assert "--format csv prints one file: pass --file FILE, not --out" in to_folder.stderr
+    to_file = harness("report", "--file", str(tmp_path / "board.html"), env=env, cwd=tmp_path)
+    assert to_file.returncode == 2 and "--format site writes a folder: pass --out DIR, not --file" in to_file.stderr
+    assert not (tmp_path / "reports").exists() and not (tmp_path / "board.html").exists()
