@@ -137,9 +137,19 @@ class Preview:
     store_missing: str | None           # why no store was read (none there yet), else None
 
 
+def model_folder(req: RunRequest) -> Path | None:
+    """--save-model's folder, where one was asked for."""
+    if req.save_model is None:
+        return None
+    if not str(req.save_model).strip():   # an unset variable in a script, not the current folder
+        raise HarnessError("--save-model needs a folder, got an empty path; pass --save-model DIR")
+    return Path(req.save_model)
+
+
 def preview(req: RunRequest) -> Preview:
     configs = [prepare(req, seed)[2] for seed in req.seeds]
     root = data_root(req)   # the data itself is left to the run: loading it may mean a download
+    model_folder(req)       # made only by the run
     data = DATASETS.get(req.dataset).data_name(root)
     try:
         with Store(req.db, create=False) as store, store.session() as s:
@@ -176,10 +186,8 @@ def execute(req: RunRequest) -> list[RunResult]:
     _, spec, cfg0 = prepared[0]
     root = data_root(req)
     cache = check_cache_root(cache_root(req.cache_dir))
-    if req.save_model is not None:
-        if not str(req.save_model).strip():   # an unset variable in a script, not the current folder
-            raise HarnessError("--save-model needs a folder, got an empty path; pass --save-model DIR")
-        check_folder(Path(req.save_model), "model folder", "pass another --save-model DIR")
+    if model_folder(req) is not None:
+        check_folder(model_folder(req), "model folder", "pass another --save-model DIR")
     data = spec.build(cfg0.rho, cfg0.generator, cfg0.val_per_class, root, req.download, cache)
     check_class_names(data.class_names)
     checksum = data.checksum()

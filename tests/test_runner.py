@@ -484,6 +484,10 @@ def test_a_preview_names_the_config_a_run_stores_and_the_runs_already_completed_
     before = preview(req)
     assert before.completed == {} and "no results store at" in before.store_missing
     assert not (tmp_path / "results.db").exists() and not (tmp_path / "cache").exists()
+    with pytest.raises(HarnessError, match=r"--save-model needs a folder, got an empty path"):   # as the run would
+        preview(RunRequest(**{**req.__dict__, "save_model": " "}))
+    preview(RunRequest(**{**req.__dict__, "save_model": str(tmp_path / "models")}))
+    assert not (tmp_path / "models").exists()   # the run makes it
     [res] = execute(RunRequest(**{**req.__dict__, "seeds": [1]}))
     run(method="ce", url=synth)   # the shipped lr: another config
     after = preview(req)
