@@ -186,8 +186,9 @@ def execute(req: RunRequest) -> list[RunResult]:
     _, spec, cfg0 = prepared[0]
     root = data_root(req)
     cache = check_cache_root(cache_root(req.cache_dir))
-    if model_folder(req) is not None:
-        check_folder(model_folder(req), "model folder", "pass another --save-model DIR")
+    model_dir = model_folder(req)
+    if model_dir is not None:
+        check_folder(model_dir, "model folder", "pass another --save-model DIR")
     data = spec.build(cfg0.rho, cfg0.generator, cfg0.val_per_class, root, req.download, cache)
     check_class_names(data.class_names)
     checksum = data.checksum()

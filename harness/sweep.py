@@ -66,7 +66,8 @@ def plan(base: RunRequest, methods=None, datasets=None, rhos=None, seeds=(0,), c
         asked.setdefault(data, []).extend(h for _, h in hashes)
     try:
         with Store(base.db, create=create) as store, store.session() as s:
-            done = {(h, data) for data, hashes in asked.items() for h, _ in completed_of(s, hashes, data)}
+            done = {(h, data) for data, config_hashes in asked.items()
+                    for h, _ in completed_of(s, config_hashes, data)}
     except NoStore:   # nothing done yet
         done = set()
     planned = []
