@@ -431,17 +431,17 @@ def start_plots(store: Store, studies: dict[tuple, list[Study]], cache: PlotCach
     jobs, lines = {}, {}
     for key, g in load_class_means(store, only).groupby(BOARD_KEY, sort=False):
         g = g.assign(line=line_names(g, labels))
-        lines[key] = sorted(set(g["line"]))   # the per-class plot's order, so its colours
+        lines[key] = sorted(set(g["line"]))   # the per-class plot's order, so its lines' looks
         jobs[key, PER_CLASS] = PlotJob(PER_CLASS, g[["line", "train_count", "accuracy"]].reset_index(drop=True))
         jobs[key, WEIGHT_NORMS] = PlotJob(WEIGHT_NORMS,
                                           g[["line", "class_index", "train_count", "weight_norm"]]
                                           .reset_index(drop=True))
     for key, g in load_curves(store, "reliability", only).groupby(BOARD_KEY, sort=False):
         g = g.assign(line=line_names(g, labels))
-        # a row's colour is its colour in the per-class plot (NCM, with no probabilities, is in that one only)
+        # a row's line looks as in the per-class plot (NCM, with no probabilities, is in that one only)
         order = lines.get(key) or sorted(set(g["line"]))
-        g = g.assign(colour=[f"C{order.index(line) % 10}" for line in g["line"]])
-        jobs[key, RELIABILITY] = PlotJob(RELIABILITY, g[["line", "colour", "x", "value"]].reset_index(drop=True))
+        g = g.assign(look=[order.index(line) for line in g["line"]])
+        jobs[key, RELIABILITY] = PlotJob(RELIABILITY, g[["line", "look", "x", "value"]].reset_index(drop=True))
     for key, g in load_curves(store, "tau_sweep", only).groupby(BOARD_KEY, sort=False):
         g = g.assign(setup=setup_names(g))
         jobs[key, TAU_SWEEP] = PlotJob(TAU_SWEEP, g[["setup", "split", "group", "x", "value"]].reset_index(drop=True))

@@ -35,6 +35,13 @@ WIDTH, AXES_HEIGHT = 6.4, 2.55                      # inches; the page shows plo
 LEFT, RIGHT, TOP, BOTTOM = 0.7, 0.2, 0.5, 0.62     # inches around the axes, before the legend
 LEGEND_ROW, LEGEND_FONT = 0.2, 7                     # inches per row of legend entries; points
 GROUP_COLOURS = {"all": "#222", "many": "#1f77b4", "medium": "#ff7f0e", "few": "#d62728"}
+DASHES = ("-", "--", ":", "-.")
+
+
+def line_look(index: int) -> dict:
+    """The index-th line of a plot (its rows in name order): matplotlib's ten colours, then the
+    ten again dashed, and so on, so that no two of a board's rows look alike."""
+    return {"color": f"C{index % 10}", "ls": DASHES[index // 10 % len(DASHES)]}
 
 # what decides a plot's pixels besides its data: this file, matplotlib (with its fonts) and Pillow
 CODE_ID = hashlib.sha256(Path(__file__).read_bytes()
@@ -79,11 +86,11 @@ def many_classes(data: pd.DataFrame) -> int | None:
 
 def draw_per_class(ax, data: pd.DataFrame) -> None:
     binned = many_classes(data)
-    for line, g in data.groupby("line"):
+    for i, (line, g) in enumerate(data.groupby("line")):
         g = g.sort_values("train_count", ascending=False)
         x, y = bin_means(g["train_count"], g["accuracy"], 30, log=True) if binned else \
             (g["train_count"], g["accuracy"])
-        ax.plot(x, y, marker="o", ms=3, lw=1.2, label=line)
+        ax.plot(x, y, marker="o", ms=3, lw=1.2, label=line, **line_look(i))
     ax.set_xscale("log")
     plain_log_ticks(ax.xaxis)
     ax.set_xlabel("training images of the class (log)")
@@ -104,11 +111,11 @@ def draw_weight_norms(ax, data: pd.DataFrame) -> None:
     from matplotlib.ticker import MaxNLocator
 
     binned = many_classes(data)
-    for line, g in data.groupby("line"):
+    for i, (line, g) in enumerate(data.groupby("line")):
         g = g.sort_values(["train_count", "class_index"], ascending=[False, True], kind="stable")
         rank = pd.Series(np.arange(len(g)))
         x, y = bin_means(rank, g["weight_norm"], 50, log=False) if binned else (rank, g["weight_norm"])
-        ax.plot(x, y, marker=".", ms=3, lw=1.2, label=line)
+        ax.plot(x, y, marker=".", ms=3, lw=1.2, label=line, **line_look(i))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # a rank: 0.25 of a class is no place
     ax.set_xlabel("classes by training count (head → tail)")
     ax.set_ylabel("‖w_c‖ of the final classifier" + (", bin mean" if binned else ""))
@@ -143,7 +150,7 @@ def draw_reliability(ax, data: pd.DataFrame) -> None:
     per row of the board): a point under the diagonal is a bin more confident than accurate."""
     ax.plot([0, 100], [0, 100], color="#888", lw=0.8, ls="--")
     for line, g in data.groupby("line"):
-        ax.plot(g["x"], g["value"], marker=".", ms=4, lw=1.2, color=g["colour"].iloc[0], label=line)
+        ax.plot(g["x"], g["value"], marker=".", ms=4, lw=1.2, label=line, **line_look(int(g["look"].iloc[0])))
     ax.set_xlim(0, 100)
     ax.set_ylim(-2, 102)   # a bin at 0 or 100 % accuracy stays inside the frame
     ax.set_xlabel("confidence: top softmax probability (%), 15 bins")

@@ -628,9 +628,28 @@ def test_a_board_draws_the_reliability_of_the_runs_that_measured_it_in_their_per
     jobs = rep.start_plots(store, {}, rep.PlotCache(tmp_path / "plots"), rep.load_titles(store).labels)
     paper, quick = ("cifar10-lt", "", 10.0, "paper"), ("cifar10-lt", "", 10.0, "quick")
     assert (quick, RELIABILITY) not in jobs and (quick, PER_CLASS) in jobs
-    # the seeds' mean per bin; CE and WB in their colours of the per-class plot (CE, NCM, WB: C0, C1, C2)
-    assert jobs[paper, RELIABILITY].data.values.tolist() == [["CE", "C0", 90.0, 75.0], ["CE", "C0", 96.6667, 90.0],
-                                                              ["WB", "C2", 63.3333, 60.0]]
+    # the seeds' mean per bin; CE and WB look as in the per-class plot (CE, NCM, WB: its lines 0, 1, 2)
+    assert jobs[paper, RELIABILITY].data.values.tolist() == [["CE", 0, 90.0, 75.0], ["CE", 0, 96.6667, 90.0],
+                                                              ["WB", 2, 63.3333, 60.0]]
+
+
+def test_no_two_lines_of_a_board_of_more_than_ten_rows_look_alike():
+    """Matplotlib has ten colours: the eleventh row's line is the first's colour, dashed."""
+    from matplotlib.colors import to_hex
+
+    from harness.report_plots import draw_per_class, draw_reliability, draw_weight_norms
+
+    rows = [f"m{i:02d}" for i in range(15)]
+    classes = pd.DataFrame([{"line": m, "class_index": c, "train_count": 100 // (c + 1), "weight_norm": 1.0,
+                             "accuracy": 50.0} for m in rows for c in range(3)])
+    for draw in (draw_per_class, draw_weight_norms):
+        lines = [line for line in drawn_lines(draw, classes).get_lines() if line.get_label() in rows]
+        looks = {line.get_label(): (to_hex(line.get_color()), line.get_linestyle()) for line in lines}
+        assert len(set(looks.values())) == 15 and looks["m00"][0] == looks["m10"][0] != looks["m01"][0]
+    bins = pd.DataFrame([{"line": m, "look": i, "x": 50.0, "value": 40.0} for i, m in enumerate(rows)])
+    reliability = {line.get_label(): (to_hex(line.get_color()), line.get_linestyle())
+                   for line in drawn_lines(draw_reliability, bins).get_lines() if line.get_label() in rows}
+    assert reliability == looks   # a row looks the same in every plot
 
 
 def test_precision_is_part_of_a_setup_and_named_against_the_papers_fp32_on_every_backend(store_url, bench):
