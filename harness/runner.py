@@ -137,6 +137,13 @@ class Preview:
     store_missing: str | None           # why no store was read (none there yet), else None
 
 
+def data_name(req: RunRequest) -> str | None:
+    """Which data the request reads, where its dataset is whatever the user gives (an image
+    folder: its name and files); None for a registered benchmark. Runs, sweeps and studies
+    match on it."""
+    return DATASETS.get(req.dataset).data_name(Path(req.data_root) if req.data_root else None)
+
+
 def model_folder(req: RunRequest) -> Path | None:
     """--save-model's folder, where one was asked for."""
     if req.save_model is None:
@@ -148,12 +155,11 @@ def model_folder(req: RunRequest) -> Path | None:
 
 def preview(req: RunRequest) -> Preview:
     configs = [prepare(req, seed)[2] for seed in req.seeds]
-    root = data_root(req)   # the data itself is left to the run: loading it may mean a download
+    data_root(req)          # checked; the data itself is left to the run: loading it may mean a download
     model_folder(req)       # made only by the run
-    data = DATASETS.get(req.dataset).data_name(root)
     try:
         with Store(req.db, create=False) as store, store.session() as s:
-            rows = completed_of(s, [cfg.config_hash() for cfg in configs], data)
+            rows = completed_of(s, [cfg.config_hash() for cfg in configs], data_name(req))
     except NoStore as exc:   # a first run makes it
         return Preview(configs, {}, str(exc))
     ids: dict[str, list[str]] = {}

@@ -12,13 +12,11 @@ import json
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from multiprocessing import get_context
-from pathlib import Path
 
 from harness import HarnessError
 from harness.config import load_benchmarks
 from harness.migrate import NoStore
-from harness.registry import DATASETS
-from harness.runner import RunRequest, execute, prepare
+from harness.runner import RunRequest, data_name, execute, prepare
 from harness.store import Store, completed_of
 
 
@@ -48,8 +46,8 @@ def plan(base: RunRequest, methods=None, datasets=None, rhos=None, seeds=(0,), c
     # (method, dataset, rho, [(seed, config hash)], stage-1 recipe, data name): every request validated first
     grid = []
     for dataset in datasets or list(benches):
-        spec = DATASETS.get(dataset)  # an unregistered dataset fails here, with the known names
-        data = spec.data_name(Path(base.data_root) if base.data_root else None)   # an image folder's
+        # an image folder's; an unregistered dataset fails here, with the known names
+        data = data_name(replace(base, dataset=dataset))
         bench = benches[dataset]
         for rho in rhos or bench.get("rhos", []):
             rho = rho if rho == "natural" else float(rho)

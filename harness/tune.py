@@ -19,12 +19,10 @@ import re
 import time
 import warnings
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from harness import HarnessError
 from harness.config import recipe_keys
-from harness.registry import DATASETS
-from harness.runner import RunRequest, RunStopped, asked_precision, execute, prepare
+from harness.runner import RunRequest, RunStopped, asked_precision, data_name, execute, prepare
 
 # Optuna's liveness check: a trial whose process has not beaten for GRACE_SECONDS is dead
 HEARTBEAT_SECONDS, GRACE_SECONDS = 30, 120
@@ -149,7 +147,7 @@ def study_name(req: TuneRequest, space: list[Dimension]) -> str:
                   if v is not None]
     overridden += [["set", key, value] for key, value in sorted(r.settings.items())]
     # an image folder's trials are of that folder (the benchmarks' names are their data)
-    folder = DATASETS.get(r.dataset).data_name(Path(r.data_root) if r.data_root else None)
+    folder = data_name(r)
     overridden += [["data", folder]] if folder else []
     digest = hashlib.sha256(json.dumps([[d.key, d.text] for d in space] + overridden).encode()).hexdigest()[:8]
     rho = r.rho if r.rho == "natural" else f"{float(r.rho):g}"

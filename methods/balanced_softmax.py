@@ -11,7 +11,6 @@ from harness.method import Method, RunContext, class_counts, reinit_linear
 class BalancedSoftmax(Method):
     name = "balanced_softmax"
     title = "Balanced Softmax"
-    label = "Balanced Softmax"
     paper = "Ren et al., Balanced Meta-Softmax for Long-Tailed Visual Recognition, NeurIPS 2020"
 
     def stage1_model(self, model, ctx: RunContext) -> None:

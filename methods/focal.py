@@ -14,7 +14,6 @@ def focal_loss(logits, target, gamma: float):
 class Focal(Method):
     name = "focal"
     title = "Focal loss"
-    label = "Focal loss"
     paper = "Lin et al., Focal Loss for Dense Object Detection, ICCV 2017"
     required_keys = ("gamma",)
 
